@@ -1,0 +1,415 @@
+"""Typed configuration for every stage: one source for every default.
+
+A run is described by one :class:`HistodiffConfig`. Presets in ``jobs/configs/*.yaml``
+override its defaults, and command-line ``dotted.key=value`` pairs override the preset.
+Every error (an unknown key, a wrong type, an out-of-range value) is raised here, as one
+:class:`ConfigError` that names the key, before any Ray or cluster resource is taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(_Strict):
+    """Where each stage reads and writes. Every value is a local path or an s3:// URI.
+
+    Unset outputs are derived from ``root``, so a preset only has to name ``root``.
+    """
+
+    root: str = "outputs/demo"
+    unlabeled_sources: list[str] = Field(default_factory=list)
+    labeled_source: str | None = None
+    labeled_test_source: str | None = None
+    unlabeled_shards: str | None = None
+    labeled_shards: str | None = None
+    labeled_test_shards: str | None = None
+    autoencoder: str | None = None
+    latents: str | None = None
+    labeled_latents: str | None = None
+    denoiser: str | None = None
+    classifier: str | None = None
+    selector: str | None = None
+    synthetic: str | None = None
+    evaluation: str | None = None
+    checkpoints: str | None = None
+    sweep: str | None = None
+
+    @model_validator(mode="after")
+    def _derive(self) -> "PathsConfig":
+        root = self.root.rstrip("/")
+        defaults = {
+            "unlabeled_shards": "shards/unlabeled",
+            "labeled_shards": "shards/labeled",
+            "labeled_test_shards": "shards/labeled_test",
+            "autoencoder": "models/autoencoder",
+            "latents": "latents/unlabeled",
+            "labeled_latents": "latents/labeled",
+            "denoiser": "models/denoiser",
+            "classifier": "models/latent_classifier",
+            "selector": "models/selector",
+            "synthetic": "synthetic",
+            "evaluation": "evaluation",
+            "checkpoints": "checkpoints",
+            "sweep": "sweep",
+        }
+        for key, rel in defaults.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, f"{root}/{rel}")
+        return self
+
+
+class StorageConfig(_Strict):
+    """Object-store settings. Credentials come from the environment unless set here."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_attempts: int = Field(3, ge=1, le=20)
+
+
+class RayConfig(_Strict):
+    """Where and how wide stages run. ``address=None`` starts an embedded local Ray."""
+
+    address: str | None = None
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray")
+    max_failures: int = Field(2, ge=0)
+
+
+class TrackingConfig(_Strict):
+    """MLflow settings; the URI of a server is never a secret, its token is (from env)."""
+
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "histodiff"
+    registry_prefix: str = "histodiff"
+    register_models: bool = True
+
+
+class DataConfig(_Strict):
+    """Tile ingest, reading and labeled splits."""
+
+    tile_size: int = Field(64, ge=8, le=4096)
+    extensions: list[str] = Field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff"])
+    min_source_size: int = Field(32, ge=1, description="smaller images are skipped")
+    saturation_threshold: int | None = Field(
+        None, ge=0, le=255, description="drop tiles whose mean HSV saturation is below this (paper: 80)"
+    )
+    max_bad_fraction: float = Field(0.2, ge=0, le=1)
+    tiles_per_shard: int = Field(512, ge=1)
+    augment: bool = True
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    label_fraction: float | None = Field(None, gt=0, le=1)
+    labels_per_class: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _budget(self) -> "DataConfig":
+        if self.label_fraction is not None and self.labels_per_class is not None:
+            raise ValueError("set at most one of label_fraction and labels_per_class")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
+
+class AutoencoderConfig(_Strict):
+    """KL autoencoder (diffusers AutoencoderKL). f = 2 ** (len(block_out_channels) - 1)."""
+
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = Field(1, ge=1)
+    latent_channels: int = Field(3, ge=1)
+    norm_num_groups: int = Field(16, ge=1)
+    kl_weight: float = Field(1e-6, ge=0)
+    perceptual_weight: float = Field(0.0, ge=0)
+    perceptual_weights_uri: str | None = None
+    disc_weight: float = Field(0.0, ge=0)
+    disc_start_step: int = Field(0, ge=0)
+    lr: float = Field(4.5e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    steps: int = Field(300, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    encode_batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _perceptual(self) -> "AutoencoderConfig":
+        if self.perceptual_weight > 0 and not self.perceptual_weights_uri:
+            raise ValueError("perceptual_weight > 0 needs perceptual_weights_uri (nothing is downloaded)")
+        return self
+
+
+class ScheduleConfig(_Strict):
+    """DDPM noise schedule; the paper's is diffusers' scaled_linear 0.0015..0.0155, T=1000."""
+
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_start: float = Field(0.0015, gt=0, lt=1)
+    beta_end: float = Field(0.0155, gt=0, lt=1)
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+
+
+class DenoiserConfig(_Strict):
+    """Unconditional UNet (diffusers UNet2DModel) on latents, epsilon prediction."""
+
+    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128, 128])
+    layers_per_block: int = Field(1, ge=1)
+    attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
+    attention_head_dim: int = Field(32, ge=1)
+    norm_num_groups: int = Field(32, ge=1)
+    loss: Literal["l1", "l2"] = "l1"
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    steps: int = Field(1000, ge=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every: int = Field(250, ge=1)
+    report_every: int = Field(25, ge=1)
+    sample_every: int = Field(500, ge=1)
+    compile: bool = False
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="after")
+    def _levels(self) -> "DenoiserConfig":
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ValueError("attention_levels needs one entry per block_out_channels entry")
+        return self
+
+
+class LatentClassifierConfig(_Strict):
+    """Time-conditioned classifier on noisy latents (encoder half of a UNet)."""
+
+    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128, 128])
+    layers_per_block: int = Field(1, ge=1)
+    mode: Literal["noisy", "clean"] = "noisy"
+    max_timestep: int | None = Field(None, ge=0, description="train on t <= this (default: all)")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: int = Field(32, ge=1)
+    steps: int = Field(600, ge=1)
+    eval_timesteps: list[int] = Field(default_factory=lambda: [0, 200, 400, 600, 800])
+
+
+class SelectorConfig(_Strict):
+    """Auxiliary pixel-space classifier (timm) that judges each synthetic tile."""
+
+    backbone: str = "resnet18"
+    mode: Literal["confidence", "centroid"] = "confidence"
+    threshold: float = Field(0.9, ge=0, le=1)
+    max_per_class: int | None = Field(None, ge=1)
+    epochs: int = Field(15, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+
+class SynthesisConfig(_Strict):
+    """Guided DDIM synthesis and the selective mechanism."""
+
+    classes: list[str] | None = None
+    accepted_per_class: int = Field(32, ge=1)
+    max_samples_per_class: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1)
+    num_inference_steps: int = Field(50, ge=1)
+    eta: float = Field(1.0, ge=0)
+    guidance_scale: float = Field(10.0, ge=0)
+    num_actors: int = Field(1, ge=1)
+    selector: SelectorConfig = Field(default_factory=SelectorConfig)
+
+
+class EvaluationConfig(_Strict):
+    """Downstream classifier trained on real vs real + synthetic tiles, K seeds."""
+
+    backbone: str = "resnet18"
+    image_size: int = Field(64, ge=8)
+    epochs: int = Field(15, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: int = Field(32, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    synthetic_ratio: float = Field(1.0, ge=0, description="synthetic tiles per real tile (0.5, 1, 3)")
+    synthetic_loss_weight: float = Field(1.0, ge=0)
+    fid_extractor: Literal["baseline", "inception"] = "baseline"
+    inception_weights_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _inception(self) -> "EvaluationConfig":
+        if self.fid_extractor == "inception" and not self.inception_weights_uri:
+            raise ValueError("fid_extractor=inception needs inception_weights_uri (nothing is downloaded)")
+        return self
+
+
+class SweepConfig(_Strict):
+    """Ray Tune sweep over guidance scale x selection threshold (x synthetic ratio)."""
+
+    guidance_scales: list[float] = Field(default_factory=lambda: [1.0, 10.0])
+    thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.9])
+    synthetic_ratios: list[float] | None = None
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = Field(1, ge=1)
+    asha: bool = False
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    resume: bool = True
+
+
+class HistodiffConfig(_Strict):
+    """The whole pipeline's configuration."""
+
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
+    classifier: LatentClassifierConfig = Field(default_factory=LatentClassifierConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Return the config as plain data with every secret removed (safe to log)."""
+        data = self.model_dump(mode="json")
+        data["storage"].pop("access_key_id", None)
+        data["storage"].pop("secret_access_key", None)
+        return data
+
+    def flat_params(self) -> dict[str, str]:
+        """Return ``{"a.b.c": value}`` for every public leaf, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+        walk("", self.public_dict())
+        return out
+
+    def fingerprint(self, *sections: str) -> str:
+        """Return a short hash of the named sections (all when none), for skip/resume checks."""
+        data = self.public_dict()
+        if sections:
+            data = {s: data[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Return a nested dict from ``key.sub=value`` strings (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key!r}: cannot parse value {raw!r}: {exc}") from None
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling)"
+        else:
+            msg = err["msg"]
+            if "input" in err and not isinstance(err["input"], dict) and err["type"] != "missing" and not key.startswith("storage."):
+                msg += f" (got {err['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return f"invalid configuration from {source}:\n" + "\n".join(lines)
+
+
+def resolve_preset(preset: str | Path) -> Path:
+    """Return the YAML file for a preset name (``tiny``) or a path."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return path
+    candidate = PRESET_DIR / f"{preset}.yaml"
+    if not candidate.is_file():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {str(preset)!r}; choose one of {names} or give a .yaml path")
+    return candidate
+
+
+def load_config(preset: str | Path | None = "tiny", overrides: list[str] | None = None) -> HistodiffConfig:
+    """Return a validated config from a preset (name or YAML path) plus dotted overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if preset is not None:
+        path = resolve_preset(preset)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {source!r} must hold a mapping at the top level")
+        data = loaded
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source += " + overrides"
+    try:
+        return HistodiffConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def config_from_dict(data: dict[str, Any]) -> HistodiffConfig:
+    """Return a validated config from plain data (as shipped to Ray workers)."""
+    try:
+        return HistodiffConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, "dict")) from None

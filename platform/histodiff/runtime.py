@@ -1,0 +1,100 @@
+"""Ray start-up, worker environment, logging and devices: the process-level plumbing.
+
+Stages call :func:`init_ray` once; it connects to ``cfg.ray.address`` when set (a cluster,
+or ``auto`` inside ``ray job submit``) and otherwise starts an embedded local Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from histodiff.config import HistodiffConfig
+
+log = logging.getLogger(__name__)
+
+# Settings that must reach Ray workers for storage and tracking to work there.
+PROPAGATED_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_EC2_METADATA_DISABLED",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "HISTODIFF_FAULT_INJECT",
+)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure the root logger once, with a compact format."""
+    if logging.getLogger().handlers:
+        return
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def worker_env(cfg: HistodiffConfig | None = None) -> dict[str, str]:
+    """Return the environment variables that Ray workers need (storage, tracking)."""
+    env = {k: os.environ[k] for k in PROPAGATED_ENV if os.environ.get(k)}
+    if cfg is not None and cfg.tracking.enabled:
+        env.setdefault("MLFLOW_TRACKING_URI", absolute_tracking_uri(cfg.tracking.tracking_uri))
+    if cfg is not None and cfg.storage.endpoint_url:
+        env.setdefault("AWS_ENDPOINT_URL_S3", cfg.storage.endpoint_url)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Return a tracking URI that means the same thing from any working directory."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + os.path.abspath(uri[len(prefix):])
+    return uri
+
+
+def init_ray(cfg: HistodiffConfig, **extra: Any) -> None:
+    """Connect to (or start) Ray with the worker environment; a no-op if already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": worker_env(cfg)}
+    if cfg.ray.address:
+        log.info("connecting to Ray at %s", cfg.ray.address)
+        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True, **extra)
+        return
+    log.info("starting an embedded local Ray (num_cpus=%s)", cfg.ray.num_cpus or "all")
+    ray.init(
+        num_cpus=cfg.ray.num_cpus,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+        **extra,
+    )
+
+
+def device_for(use_gpu: bool) -> "Any":
+    """Return the torch device a worker should use."""
+    import torch
+
+    if use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def autocast(device: Any) -> Any:
+    """Return a bf16 autocast context on CUDA and a null context on the CPU."""
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,303 @@
+"""One URI resolver for local paths and s3:// (AWS or any S3 endpoint: MinIO, Ceph, moto).
+
+Everything in histodiff that touches files goes through here. URIs are strings: a local
+path (relative or absolute, or ``file://``) or ``s3://bucket/key``. The endpoint and the
+credentials come from :class:`~histodiff.config.StorageConfig` or, when unset there, from
+the usual AWS environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION``). Secrets never appear in
+messages: every error raised here passes through :func:`redact`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pyarrow.fs as pafs
+
+from histodiff.config import StorageConfig
+
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_TOKEN",
+                   "MLFLOW_TRACKING_PASSWORD")
+ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL")
+
+
+class StorageError(OSError):
+    """A storage problem, with the URI and what to do; secrets already removed."""
+
+
+def _secret_values(cfg: StorageConfig | None = None) -> list[str]:
+    values = [os.environ.get(k, "") for k in SECRET_ENV_VARS]
+    if cfg is not None:
+        for secret in (cfg.access_key_id, cfg.secret_access_key):
+            if secret is not None:
+                values.append(secret.get_secret_value())
+    return [v for v in values if len(v) >= 4]
+
+
+def redact(text: str, cfg: StorageConfig | None = None) -> str:
+    """Return text with every known secret value replaced by ``***``."""
+    for value in _secret_values(cfg):
+        text = text.replace(value, "***")
+    return text
+
+
+def is_s3(uri: str) -> bool:
+    """Return True for s3:// URIs."""
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Return ``uri/part/...`` for local paths and s3 URIs alike."""
+    if is_s3(uri):
+        return "s3://" + posixpath.join(uri[5:].rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def endpoint_url(cfg: StorageConfig | None = None) -> str | None:
+    """Return the configured S3 endpoint (config first, then environment), or None for AWS."""
+    if cfg is not None and cfg.endpoint_url:
+        return cfg.endpoint_url
+    for key in ENDPOINT_ENV_VARS:
+        if os.environ.get(key):
+            return os.environ[key]
+    return None
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: a pyarrow filesystem and the path inside it."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+
+def s3_filesystem(cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
+    """Return a pyarrow S3FileSystem for the configured endpoint and credentials."""
+    cfg = cfg or StorageConfig()
+    kwargs: dict[str, Any] = {
+        "connect_timeout": cfg.connect_timeout_s,
+        "request_timeout": cfg.request_timeout_s,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts),
+    }
+    endpoint = endpoint_url(cfg)
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs["endpoint_override"] = host if host else endpoint
+        kwargs["scheme"] = scheme if host else "https"
+        kwargs["region"] = cfg.region or os.environ.get("AWS_REGION") or os.environ.get(
+            "AWS_DEFAULT_REGION") or "us-east-1"
+        kwargs["allow_bucket_creation"] = True
+    elif cfg.region:
+        kwargs["region"] = cfg.region
+    if cfg.access_key_id is not None and cfg.secret_access_key is not None:
+        kwargs["access_key"] = cfg.access_key_id.get_secret_value()
+        kwargs["secret_key"] = cfg.secret_access_key.get_secret_value()
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, cfg: StorageConfig | None = None) -> Location:
+    """Return the filesystem and in-filesystem path for a URI."""
+    if not isinstance(uri, str) or not uri:
+        raise StorageError(f"empty storage URI {uri!r}")
+    if is_s3(uri):
+        path = uri[5:].strip("/")
+        if not path:
+            raise StorageError(f"{uri!r} names no bucket")
+        return Location(s3_filesystem(cfg), path, uri)
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"unsupported URI scheme in {uri!r}; use a local path or s3://bucket/key")
+    path = os.path.abspath(uri[7:] if uri.startswith("file://") else uri)
+    return Location(pafs.LocalFileSystem(), path, uri)
+
+
+def _wrap(exc: Exception, uri: str, action: str, cfg: StorageConfig | None) -> StorageError:
+    text = str(exc)
+    hint = ""
+    low = text.lower()
+    if "access denied" in low or "invalidaccesskeyid" in low or "signaturedoesnotmatch" in low or "forbidden" in low:
+        hint = " Check the S3 credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage.*)."
+    elif "nosuchbucket" in low or "bucket does not exist" in low:
+        hint = " The bucket does not exist."
+    elif "connect" in low or "curl" in low or "timed out" in low or "timeout" in low:
+        hint = f" The S3 endpoint {endpoint_url(cfg) or 'AWS'} is unreachable; check storage.endpoint_url."
+    return StorageError(redact(f"cannot {action} {uri!r}: {text}.{hint}", cfg))
+
+
+def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
+    """Return True when a file or directory exists at the URI."""
+    loc = resolve(uri, cfg)
+    try:
+        return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "look up", cfg) from None
+
+
+def check_readable(uri: str, cfg: StorageConfig | None = None) -> None:
+    """Raise a clear StorageError unless the URI exists and can be listed or read."""
+    loc = resolve(uri, cfg)
+    try:
+        info = loc.fs.get_file_info(loc.path)
+        if is_s3(uri) and info.type == pafs.FileType.NotFound:
+            bucket = loc.path.split("/", 1)[0]
+            if loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(f"bucket {bucket!r} of {uri!r} does not exist")
+            # S3 "directories" exist only through their keys: look for one.
+            sel = pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)
+            if loc.fs.get_file_info(sel):
+                return
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{uri!r} does not exist")
+    except StorageError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "read", cfg) from None
+
+
+def list_files(uri: str, cfg: StorageConfig | None = None, extensions: Iterable[str] | None = None) -> list[str]:
+    """Return the sorted URIs of all files under a prefix (recursively), filtered by suffix."""
+    loc = resolve(uri, cfg)
+    exts = tuple(e.lower() for e in extensions) if extensions else None
+    try:
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.File:
+            infos = [info]
+        else:
+            infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "list", cfg) from None
+    out = []
+    for item in infos:
+        if item.type != pafs.FileType.File:
+            continue
+        if exts and not item.path.lower().endswith(exts):
+            continue
+        out.append(_to_uri(uri, loc, item.path))
+    return sorted(out)
+
+
+def _to_uri(base_uri: str, loc: Location, path: str) -> str:
+    if is_s3(base_uri):
+        return "s3://" + path
+    return path
+
+
+def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
+    """Return the whole content of a file."""
+    loc = resolve(uri, cfg)
+    try:
+        with loc.fs.open_input_stream(loc.path) as f:
+            return f.read()
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "read", cfg) from None
+
+
+def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
+    """Write a file atomically: a temporary name then a rename (local), one PUT (S3)."""
+    loc = resolve(uri, cfg)
+    try:
+        if is_s3(uri):
+            with loc.fs.open_output_stream(loc.path) as f:
+                f.write(data)
+            return
+        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+        tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, loc.path)
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "write", cfg) from None
+
+
+def read_json(uri: str, cfg: StorageConfig | None = None) -> Any:
+    """Return the parsed JSON document at the URI."""
+    raw = read_bytes(uri, cfg)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise StorageError(f"{uri!r} is not valid JSON: {exc}") from None
+
+
+def write_json(uri: str, data: Any, cfg: StorageConfig | None = None) -> None:
+    """Write a JSON document atomically."""
+    write_bytes(uri, json.dumps(data, indent=2, sort_keys=True, default=str).encode(), cfg)
+
+
+def makedirs(uri: str, cfg: StorageConfig | None = None) -> None:
+    """Create a directory (a no-op on S3 beyond bucket creation)."""
+    loc = resolve(uri, cfg)
+    try:
+        loc.fs.create_dir(loc.path, recursive=True)
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "create", cfg) from None
+
+
+def delete(uri: str, cfg: StorageConfig | None = None) -> None:
+    """Delete a file or a directory tree if it exists."""
+    loc = resolve(uri, cfg)
+    try:
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.Directory:
+            loc.fs.delete_dir(loc.path)
+        elif info.type == pafs.FileType.File:
+            loc.fs.delete_file(loc.path)
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "delete", cfg) from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Return the hex sha256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(uri: str, cfg: StorageConfig | None = None) -> str:
+    """Return the hex sha256 of a file's content."""
+    loc = resolve(uri, cfg)
+    h = hashlib.sha256()
+    try:
+        with loc.fs.open_input_stream(loc.path) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "read", cfg) from None
+    return h.hexdigest()
+
+
+def upload_dir(local_dir: str, uri: str, cfg: StorageConfig | None = None) -> None:
+    """Copy a local directory tree to a URI (no-op when they are the same place)."""
+    dest = resolve(uri, cfg)
+    if not is_s3(uri) and os.path.abspath(local_dir) == dest.path:
+        return
+    try:
+        pafs.copy_files(local_dir, dest.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "upload to", cfg) from None
+
+
+def download_dir(uri: str, local_dir: str, cfg: StorageConfig | None = None) -> str:
+    """Copy a directory tree at a URI to a local directory; return the local path."""
+    src = resolve(uri, cfg)
+    if not is_s3(uri):
+        return src.path
+    os.makedirs(local_dir, exist_ok=True)
+    try:
+        pafs.copy_files(src.path, local_dir, source_filesystem=src.fs, destination_filesystem=pafs.LocalFileSystem())
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "download", cfg) from None
+    return local_dir
+
+
+def open_input(uri: str, cfg: StorageConfig | None = None) -> io.BufferedIOBase:
+    """Return a readable binary stream for the file at the URI."""
+    loc = resolve(uri, cfg)
+    try:
+        return loc.fs.open_input_file(loc.path)
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "open", cfg) from None

@@ -1,0 +1,135 @@
+"""Supervised training of a timm classifier on in-memory tiles, selected on validation only.
+
+Plain PyTorch: the same function runs inside a Ray Train worker, a Ray task or a script.
+Images are float tensors in [-1, 1], NCHW. The test split never enters this module: model
+selection sees only ``val_x`` / ``val_y``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histodiff.models.backbone import create_backbone
+from histodiff.runtime import autocast
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    """A trained classifier (best validation weights) and its training history."""
+
+    model: nn.Module
+    best_epoch: int
+    best_val_balanced_accuracy: float
+    history: list[dict] = field(default_factory=list)
+
+
+def label_safe_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Return a batch with random flips and 90-degree rotations (label-safe for tissue)."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+    k = torch.randint(0, 4, (n,), generator=generator)
+    out = x.clone()
+    for r in range(1, 4):
+        sel = (k == r).to(x.device)
+        if sel.any():
+            out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
+    return out
+
+
+def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Return images resized to ``image_size`` (bilinear), or unchanged when already that size."""
+    if x.shape[-1] == image_size and x.shape[-2] == image_size:
+        return x
+    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Return the mean per-class recall over classes present in ``target``."""
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    return float(multiclass_accuracy(pred, target, num_classes=num_classes, average="macro"))
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: torch.Tensor, image_size: int, batch_size: int = 128,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Return softmax probabilities for images in [-1, 1] (NCHW), on the CPU."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = resize(x[i : i + batch_size].to(device), image_size)
+        with autocast(torch.device(device)):
+            out.append(model(xb).float().softmax(-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def fit_classifier(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    backbone: str,
+    num_classes: int,
+    image_size: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    sample_weight: torch.Tensor | None = None,
+    augment: bool = True,
+) -> FitResult:
+    """Train a timm classifier; return the weights with the best validation balanced accuracy."""
+    if len(train_x) == 0:
+        raise ValueError("no training tiles")
+    if len(val_x) == 0:
+        raise ValueError("no validation tiles: model selection needs a validation split")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = create_backbone(backbone, num_classes, image_size).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, -(-len(train_x) // batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
+    weights = sample_weight if sample_weight is not None else torch.ones(len(train_x))
+    best = (-1.0, -1, None)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(train_x), generator=gen)
+        total = 0.0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i : i + batch_size]
+            xb = train_x[idx]
+            if augment:
+                xb = label_safe_augment(xb, gen)
+            xb = resize(xb.to(device), image_size)
+            yb = train_y[idx].to(device)
+            wb = weights[idx].to(device)
+            with autocast(device):
+                logits = model(xb)
+            loss = (F.cross_entropy(logits.float(), yb, reduction="none") * wb).sum() / wb.sum().clamp_min(1e-8)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+        val_pred = predict_proba(model, val_x, image_size, device=device).argmax(-1)
+        val_bacc = balanced_accuracy(val_pred, val_y, num_classes)
+        history.append({"epoch": epoch, "train_loss": total / len(perm), "val_balanced_accuracy": val_bacc})
+        if val_bacc > best[0]:
+            best = (val_bacc, epoch, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    model.eval()
+    return FitResult(model=model, best_epoch=best[1], best_val_balanced_accuracy=best[0], history=history)
