@@ -115,7 +115,7 @@ def mlflow_server(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(f"{url}/health", timeout=90)
+        _wait_http(f"{url}/health", timeout=240)  # slow under a loaded 2-core machine
         yield url
     finally:
         proc.terminate()

@@ -99,6 +99,8 @@ def export_model(model: Any, uri: str, meta: dict[str, Any], cfg: StorageConfig 
     """
     import tempfile
 
+    # An older export here must stop looking complete before its weights are overwritten.
+    storage.delete(storage.join(uri, MODEL_META), cfg)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         weights = sorted(n for n in os.listdir(tmp) if n.endswith(".safetensors"))

@@ -96,6 +96,11 @@ class RayConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray")
     max_failures: int = Field(2, ge=0)
+    checkpoints_to_keep: int = Field(2, ge=1, description="Ray Train CheckpointConfig.num_to_keep")
+    checkpoint_upload_mode: Literal["sync", "async"] = Field(
+        "sync", description="async uploads in a background thread so accelerators keep training")
+    upload_attempts: int = Field(5, ge=1, le=50, description="tries per checkpoint upload before failing")
+    upload_backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles per try")
 
 
 class TrackingConfig(_Strict):
@@ -106,6 +111,13 @@ class TrackingConfig(_Strict):
     experiment: str = "histodiff"
     registry_prefix: str = "histodiff"
     register_models: bool = True
+    champion_alias: str = "champion"
+    async_metrics: bool = Field(True, description="log metrics in the background so a slow server never blocks")
+    request_timeout_s: int = Field(10, ge=1, description="per-request timeout towards a tracking server")
+    request_max_retries: int = Field(2, ge=0, le=10, description="retries before a request counts as failed")
+    max_model_upload_mb: float = Field(
+        256.0, ge=0, description="exports above this stay in storage; the registry keeps their URI and sha256"
+    )
 
 
 class DataConfig(_Strict):
@@ -144,13 +156,19 @@ class AutoencoderConfig(_Strict):
     kl_weight: float = Field(1e-6, ge=0)
     perceptual_weight: float = Field(0.0, ge=0)
     perceptual_weights_uri: str | None = None
-    disc_weight: float = Field(0.0, ge=0)
+    disc_weight: float = Field(0.0, ge=0, description="0 turns the PatchGAN discriminator off")
     disc_start_step: int = Field(0, ge=0)
+    disc_adaptive: bool = Field(True, description="scale the GAN loss by grad norms (LDM) instead of fixed")
+    disc_layers: int = Field(3, ge=1, le=6)
+    disc_channels: int = Field(64, ge=8)
     lr: float = Field(4.5e-4, gt=0)
     batch_size: int = Field(16, ge=1)
     steps: int = Field(300, ge=1)
     checkpoint_every: int = Field(100, ge=1)
+    report_every: int = Field(50, ge=1)
+    eval_tiles: int = Field(32, ge=1, description="held-out tiles for PSNR/SSIM and the grid")
     encode_batch_size: int = Field(64, ge=1)
+    encode_actors: int = Field(1, ge=1, description="encoder actors (one GPU each when use_gpu)")
 
     @model_validator(mode="after")
     def _perceptual(self) -> "AutoencoderConfig":
@@ -201,6 +219,9 @@ class LatentClassifierConfig(_Strict):
 
     block_out_channels: list[int] = Field(default_factory=lambda: [64, 128, 128])
     layers_per_block: int = Field(1, ge=1)
+    norm_num_groups: int = Field(32, ge=1)
+    pool: Literal["attention", "mean"] = "attention"
+    attention_heads: int = Field(4, ge=1)
     mode: Literal["noisy", "clean"] = "noisy"
     max_timestep: int | None = Field(None, ge=0, description="train on t <= this (default: all)")
     lr: float = Field(3e-4, gt=0)
@@ -208,6 +229,8 @@ class LatentClassifierConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     steps: int = Field(600, ge=1)
     eval_timesteps: list[int] = Field(default_factory=lambda: [0, 200, 400, 600, 800])
+    report_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
 
 
 class SelectorConfig(_Strict):
@@ -248,6 +271,11 @@ class EvaluationConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     synthetic_ratio: float = Field(1.0, ge=0, description="synthetic tiles per real tile (0.5, 1, 3)")
     synthetic_loss_weight: float = Field(1.0, ge=0)
+    augment: Literal["dihedral", "shift", "none"] = Field(
+        "dihedral", description="label-safe augmentation: flips/rot90 for tissue, small shifts for digits")
+    pseudo_label_threshold: float = Field(0.9, ge=0, le=1, description="cheap baseline: keep pool tiles this confident")
+    knn_k: int = Field(5, ge=1, description="cheap baseline: neighbours of the latent kNN probe")
+    memorisation_pairs: int = Field(16, ge=1, description="closest synthetic/real pairs shown in the grid")
     fid_extractor: Literal["baseline", "inception"] = "baseline"
     inception_weights_uri: str | None = None
 

@@ -122,7 +122,8 @@ def _wrap(exc: Exception, uri: str, action: str, cfg: StorageConfig | None) -> S
     text = str(exc)
     hint = ""
     low = text.lower()
-    if "access denied" in low or "invalidaccesskeyid" in low or "signaturedoesnotmatch" in low or "forbidden" in low:
+    denied = ("access denied", "access_denied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden")
+    if any(word in low for word in denied):
         hint = " Check the S3 credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage.*)."
     elif "nosuchbucket" in low or "bucket does not exist" in low:
         hint = " The bucket does not exist."
@@ -181,6 +182,16 @@ def list_files(uri: str, cfg: StorageConfig | None = None, extensions: Iterable[
             continue
         out.append(_to_uri(uri, loc, item.path))
     return sorted(out)
+
+
+def list_dirs(uri: str, cfg: StorageConfig | None = None) -> list[str]:
+    """Return the sorted names of the immediate subdirectories (S3: common prefixes) of a URI."""
+    loc = resolve(uri, cfg)
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False, allow_not_found=True))
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "list", cfg) from None
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.Directory)
 
 
 def _to_uri(base_uri: str, loc: Location, path: str) -> str:
@@ -276,6 +287,8 @@ def upload_dir(local_dir: str, uri: str, cfg: StorageConfig | None = None) -> No
     if not is_s3(uri) and os.path.abspath(local_dir) == dest.path:
         return
     try:
+        if not is_s3(uri):
+            os.makedirs(dest.path, exist_ok=True)  # local copy_files does not create missing parents
         pafs.copy_files(local_dir, dest.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
     except (OSError, ValueError) as exc:
         raise _wrap(exc, uri, "upload to", cfg) from None

@@ -6,13 +6,21 @@ import torch
 from torch import nn
 
 
-def create_backbone(name: str, num_classes: int, image_size: int) -> nn.Module:
-    """Return a randomly initialised timm model with ``num_classes`` outputs (nothing is downloaded)."""
+def check_backbone_name(name: str) -> None:
+    """Raise a clear ValueError (with similar names) unless timm knows the model ``name``."""
     import timm
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-        raise ValueError(f"timm has no model named {name!r}; similar names: {close or 'none'}")
+        raise ValueError(f"timm has no model named {name!r} (evaluation.backbone / selector.backbone); "
+                         f"similar names: {close or 'none'}")
+
+
+def create_backbone(name: str, num_classes: int, image_size: int) -> nn.Module:
+    """Return a randomly initialised timm model with ``num_classes`` outputs (nothing is downloaded)."""
+    import timm
+
+    check_backbone_name(name)
     kwargs = {}
     if any(name.startswith(p) for p in ("vit", "deit", "eva", "beit")):
         kwargs["img_size"] = image_size

@@ -45,6 +45,19 @@ def label_safe_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return out
 
 
+def shift_augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Return a batch randomly translated by up to ``max_shift`` pixels (edge-replicated; safe for digits)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+
+
+# Label-safe augmentations by name: flips/rotations suit tissue, not digits (6 vs 9).
+AUGMENTATIONS = {"dihedral": label_safe_augment, "shift": shift_augment}
+
+
 def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
     """Return images resized to ``image_size`` (bilinear), or unchanged when already that size."""
     if x.shape[-1] == image_size and x.shape[-2] == image_size:
@@ -88,13 +101,16 @@ def fit_classifier(
     seed: int,
     device: torch.device | str = "cpu",
     sample_weight: torch.Tensor | None = None,
-    augment: bool = True,
+    augment: bool | str = True,
 ) -> FitResult:
     """Train a timm classifier; return the weights with the best validation balanced accuracy."""
     if len(train_x) == 0:
         raise ValueError("no training tiles")
     if len(val_x) == 0:
         raise ValueError("no validation tiles: model selection needs a validation split")
+    mode = "dihedral" if augment is True else (augment or "none")
+    if mode != "none" and mode not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of {sorted(AUGMENTATIONS)} or 'none'")
     device = torch.device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -112,8 +128,8 @@ def fit_classifier(
         for i in range(0, len(perm), batch_size):
             idx = perm[i : i + batch_size]
             xb = train_x[idx]
-            if augment:
-                xb = label_safe_augment(xb, gen)
+            if mode != "none":
+                xb = AUGMENTATIONS[mode](xb, gen)
             xb = resize(xb.to(device), image_size)
             yb = train_y[idx].to(device)
             wb = weights[idx].to(device)
@@ -124,7 +140,7 @@ def fit_classifier(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         val_pred = predict_proba(model, val_x, image_size, device=device).argmax(-1)
         val_bacc = balanced_accuracy(val_pred, val_y, num_classes)
         history.append({"epoch": epoch, "train_loss": total / len(perm), "val_balanced_accuracy": val_bacc})

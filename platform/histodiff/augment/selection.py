@@ -1,0 +1,163 @@
+"""The selective mechanism: an auxiliary pixel classifier (the selector) judges each synthetic tile.
+
+Two rules (METHOD.md "selection"):
+- ``confidence``: keep a tile when argmax == target and p(target) >= tau (tau is swept);
+- ``centroid``: the reference code's rule: keep a tile when its nearest class centroid in the
+  selector's L2-normalised pre-logit space is the target class; rank kept tiles by distance.
+The rules are pure tensor functions; :func:`train_selector` trains the selector with the shared
+timm trainer (:func:`histodiff.train.backbone.fit_classifier`) and exports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from histodiff import storage
+from histodiff.config import HistodiffConfig, StorageConfig
+from histodiff.models.backbone import create_backbone, embed
+from histodiff.train.backbone import fit_classifier, resize
+
+log = logging.getLogger(__name__)
+
+SELECTOR_META = "histodiff.json"
+SELECTOR_WEIGHTS = "selector.safetensors"
+
+
+def confidence_rule(probs: torch.Tensor, target: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (accepted bool (N,), score = p(target) (N,)) for the confidence rule."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"selection threshold must lie in [0, 1], got {threshold}")
+    target = target.to(probs.device).long()
+    score = probs.gather(1, target[:, None])[:, 0]
+    accepted = (probs.argmax(-1) == target) & (score >= threshold)
+    return accepted, score
+
+
+def class_centroids(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Return (K, D) unit-norm class centroids of L2-normalised features."""
+    feats = F.normalize(features.float(), dim=-1)
+    out = torch.zeros(num_classes, feats.shape[1])
+    for k in range(num_classes):
+        sel = labels == k
+        if not sel.any():
+            raise ValueError(f"class index {k} has no tiles to form a centroid; every class needs labeled tiles")
+        out[k] = feats[sel].mean(0)
+    return F.normalize(out, dim=-1)
+
+
+def centroid_rule(features: torch.Tensor, target: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (accepted bool (N,), score = cosine similarity to the target centroid (N,)).
+
+    On unit vectors, |f - c|^2 = 2 - 2 cos(f, c): the nearest centroid is the most similar one,
+    and ranking by similarity is ranking by distance.
+    """
+    sims = F.normalize(features.float(), dim=-1) @ centroids.float().T
+    target = target.long()
+    score = sims.gather(1, target[:, None])[:, 0]
+    return sims.argmax(-1) == target, score
+
+
+def cap_by_score(accepted: torch.Tensor, score: torch.Tensor, cap: int | None) -> torch.Tensor:
+    """Return ``accepted`` limited to the ``cap`` highest-scoring accepted entries (ties: earliest first)."""
+    if cap is None or int(accepted.sum()) <= cap:
+        return accepted.clone()
+    idx = torch.nonzero(accepted)[:, 0]
+    order = torch.argsort(-score[idx], stable=True)[:cap]
+    out = torch.zeros_like(accepted)
+    out[idx[order]] = True
+    return out
+
+
+@dataclass
+class Selector:
+    """A trained selector: timm model, class names, input size, feature centroids, weights hash."""
+
+    model: nn.Module
+    classes: list[str]
+    image_size: int
+    backbone: str
+    centroids: torch.Tensor
+    sha256: str = ""
+
+    @torch.no_grad()
+    def judge(self, images: torch.Tensor, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (softmax probs (N, K), pre-logit features (N, D)) for images in [-1, 1] NCHW."""
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        probs, feats = [], []
+        for i in range(0, len(images), batch_size):
+            x = resize(images[i : i + batch_size].to(device).float(), self.image_size)
+            f = embed(self.model, x)
+            probs.append(self.model.get_classifier()(f).float().softmax(-1).cpu())
+            feats.append(f.float().cpu())
+        return torch.cat(probs), torch.cat(feats)
+
+    def select(self, images: torch.Tensor, target: torch.Tensor, mode: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (passes the rule (N,), score (N,)) for generated images of class ``target``."""
+        probs, feats = self.judge(images)
+        if mode == "confidence":
+            return confidence_rule(probs, target, threshold)
+        if mode == "centroid":
+            return centroid_rule(feats, target, self.centroids)
+        raise ValueError(f"unknown selection mode {mode!r}; choose 'confidence' or 'centroid'")
+
+
+def train_selector(cfg: HistodiffConfig, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
+                   val_y: torch.Tensor, classes: list[str], device: torch.device | str = "cpu") -> Selector:
+    """Return a selector trained on the labeled train split (validation-selected), centroids from train."""
+    sel = cfg.synthesis.selector
+    image_size = int(train_x.shape[-1])
+    fit = fit_classifier(
+        train_x, train_y, val_x, val_y, backbone=sel.backbone, num_classes=len(classes), image_size=image_size,
+        epochs=sel.epochs, lr=sel.lr, weight_decay=cfg.evaluation.weight_decay, batch_size=sel.batch_size,
+        seed=cfg.seed, device=device, augment=cfg.evaluation.augment if cfg.data.augment else False,
+    )
+    log.info("selector %s: best val balanced accuracy %.3f at epoch %d", sel.backbone,
+             fit.best_val_balanced_accuracy, fit.best_epoch)
+    selector = Selector(fit.model, list(classes), image_size, sel.backbone, torch.zeros(0))
+    _, feats = selector.judge(train_x)
+    selector.centroids = class_centroids(feats, train_y, len(classes))
+    return selector
+
+
+def export_selector(selector: Selector, uri: str, meta: dict[str, Any], cfg: StorageConfig | None = None) -> str:
+    """Write selector weights (safetensors) and meta (written last) to ``uri``; return the weights' sha256."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, SELECTOR_WEIGHTS)
+        tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in selector.model.state_dict().items()}
+        tensors["centroids"] = selector.centroids.contiguous()
+        save_file(tensors, path)
+        data = open(path, "rb").read()
+    digest = storage.sha256_bytes(data)
+    storage.write_bytes(storage.join(uri, SELECTOR_WEIGHTS), data, cfg)
+    full = {**meta, "kind": "selector", "classes": selector.classes, "image_size": selector.image_size,
+            "backbone": selector.backbone, "sha256": digest}
+    storage.write_json(storage.join(uri, SELECTOR_META), full, cfg)
+    selector.sha256 = digest
+    return digest
+
+
+def load_selector(uri: str, cfg: StorageConfig | None = None, device: torch.device | str = "cpu") -> tuple[Selector, dict]:
+    """Return (selector, meta) exported by :func:`export_selector` (safetensors only)."""
+    meta_uri = storage.join(uri, SELECTOR_META)
+    if not storage.exists(meta_uri, cfg):
+        raise FileNotFoundError(f"no complete selector at {uri!r} (missing {SELECTOR_META}); run synthesis to train it")
+    meta = storage.read_json(meta_uri, cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, SELECTOR_WEIGHTS)
+        with open(path, "wb") as f:
+            f.write(storage.read_bytes(storage.join(uri, SELECTOR_WEIGHTS), cfg))
+        tensors = load_file(path)
+    model = create_backbone(meta["backbone"], len(meta["classes"]), meta["image_size"])
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.to(device).eval()
+    return Selector(model, meta["classes"], meta["image_size"], meta["backbone"], tensors["centroids"], meta["sha256"]), meta

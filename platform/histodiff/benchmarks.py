@@ -1,0 +1,60 @@
+"""Benchmark runner: every ``histodiff.bench.<area>`` module's ``run(workdir)`` merged into one JSON.
+
+The results file is read, updated and written back (atomically), so running one area keeps
+every other area's figures. An area that fails is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import pkgutil
+from pathlib import Path
+
+from histodiff import storage
+
+log = logging.getLogger(__name__)
+
+BENCH_DIR = Path(__file__).resolve().parent / "bench"
+
+
+def areas() -> list[str]:
+    """Return the names of the benchmark areas (modules in histodiff/bench/)."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(BENCH_DIR)]) if not m.name.startswith("_"))
+
+
+def check_entry(key: str, value: object) -> None:
+    """Raise ValueError unless a figure has value, unit, goal and measured."""
+    if not isinstance(value, dict) or not {"value", "unit", "goal", "measured"} <= set(value):
+        raise ValueError(f"benchmark figure {key!r} must be a dict with value, unit, goal and measured; got {value!r}")
+
+
+def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_work") -> dict[str, dict]:
+    """Run one area (or all), merge the figures into ``output``; return the figures just measured."""
+    names = areas()
+    if only is not None:
+        if only not in names:
+            raise ValueError(f"unknown benchmark area {only!r}; choose one of {names}")
+        names = [only]
+    measured: dict[str, dict] = {}
+    failed = []
+    for name in names:
+        area_dir = os.path.join(workdir, name)
+        os.makedirs(area_dir, exist_ok=True)
+        log.info("benchmark area %s", name)
+        try:
+            figures = importlib.import_module(f"histodiff.bench.{name}").run(area_dir)
+            for key, value in figures.items():
+                check_entry(key, value)
+            measured.update(figures)
+        except Exception as exc:  # one broken area must not lose the others' figures
+            log.error("benchmark area %s failed: %s", name, exc)
+            failed.append(name)
+    results = json.loads(Path(output).read_text()) if os.path.isfile(output) else {}
+    results.update(measured)
+    storage.write_bytes(output, (json.dumps(results, indent=2, sort_keys=True) + "\n").encode())
+    if failed:
+        raise RuntimeError(f"benchmark area(s) {failed} failed (see the log); the others were merged into {output}")
+    return measured

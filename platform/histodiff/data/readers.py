@@ -1,0 +1,70 @@
+"""Ray Data readers: stream tile shards into training as float32 CHW tensors in [-1, 1].
+
+Only the shards a manifest lists are read (an explicit file list, never a prefix listing),
+with ``shuffle=FileShuffleConfig(seed)`` so each epoch visits the files in a new order.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from histodiff import storage
+from histodiff.config import HistodiffConfig
+from histodiff.data import shards
+
+
+def decode_batch(batch: dict[str, np.ndarray], classes: list[str], augment: bool,
+                 seed: int | None = None) -> dict[str, np.ndarray]:
+    """Return ``{"image": float32 NCHW in [-1, 1], "label_id": int64}`` from a batch of shard rows.
+
+    ``label_id`` is the index in ``classes`` (-1 for unlabeled rows). With ``augment``, each
+    tile gets one of the 8 dihedral transforms (flips and rot90): tissue has no canonical
+    orientation, so they never change the label.
+    """
+    tiles = []
+    for data in batch["image"]:
+        with Image.open(io.BytesIO(data)) as img:
+            tiles.append(np.asarray(img.convert("RGB")))
+    x = np.stack(tiles) if tiles else np.zeros((0, 1, 1, 3), dtype=np.uint8)
+    if augment and len(x):
+        # Ray Data's streaming order is not reproducible, so augmentation draws need no fixed
+        # seed; fresh draws per batch make every epoch see new orientations.
+        rng = np.random.default_rng(seed)
+        k = rng.integers(0, 4, size=len(x))
+        flip = rng.random(len(x)) < 0.5
+        x = np.stack([np.rot90(t[:, ::-1] if f else t, int(r)) for t, f, r in zip(x, flip, k)])
+    image = (np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32) / 127.5) - 1.0
+    index = {c: i for i, c in enumerate(classes)}
+    labels = batch.get("label")
+    if labels is None:
+        label_id = np.full(len(x), -1, dtype=np.int64)
+    else:
+        label_id = np.array([index.get(lab, -1) if lab is not None else -1 for lab in labels], dtype=np.int64)
+    return {"image": image, "label_id": label_id}
+
+
+def tile_dataset(uri: str, cfg: HistodiffConfig, augment: bool, batch_size: int = 64) -> Any:
+    """Return a ``ray.data.Dataset`` of the tiles at a shard directory (columns ``image``, ``label_id``)."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    manifest = shards.read_manifest(uri, cfg.storage)
+    if not manifest.shards:
+        raise ValueError(f"tile shards at {uri!r} list no shard files; rerun `histodiff run ingest`")
+    locs = [storage.resolve(u, cfg.storage) for u in manifest.shard_uris()]
+    ds = ray.data.read_parquet(
+        [loc.path for loc in locs],
+        filesystem=locs[0].fs,
+        columns=["image", "label"],
+        shuffle=FileShuffleConfig(seed=cfg.seed),
+    )
+    return ds.map_batches(
+        decode_batch,
+        batch_format="numpy",
+        batch_size=batch_size,
+        fn_kwargs={"classes": manifest.classes, "augment": augment},
+    )

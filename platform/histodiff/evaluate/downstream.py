@@ -1,0 +1,337 @@
+"""Downstream evaluation: a timm classifier on real tiles vs real + synthetic tiles, K seeds.
+
+Protocol (METHOD.md, fixing the reference code's test-set selection):
+- every arm (``baseline`` = real train split; ``augmented`` = real + class-balanced synthetic,
+  ``synthetic_ratio`` x the real count) trains with the same recipe and the same seeds;
+- :func:`train_and_score` selects the epoch on the validation split only: the selection
+  function (``fit_classifier``) is never handed the test split, which is touched once,
+  after selection, to score the chosen model;
+- the gain is augmented - baseline paired by seed, with a t-interval (see metrics.py).
+
+Parallelism: one Ray task per (arm, seed). The runs are independent and small (a few
+thousand tiles), so spreading 2K whole runs over the cluster's GPUs/CPUs scales better than
+DDP inside one run, which would pay gradient all-reduce for a model that fits one device
+and would run the arms one after the other.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from histodiff.evaluate.metrics import SCALAR_METRICS, classification_metrics, summarise
+from histodiff.train.backbone import fit_classifier, predict_proba
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "evaluation.json"  # written last: its presence marks a finished evaluation
+
+
+@dataclass
+class Splits:
+    """Labeled tiles (uint8 NHWC) and class ids per split; ``classes[i]`` names id i."""
+
+    classes: list[str]
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The training recipe every arm shares (plain data, shipped to workers)."""
+
+    backbone: str
+    image_size: int
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    augment: str = "dihedral"
+    synthetic_loss_weight: float = 1.0
+    use_gpu: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Recipe":
+        """Return the recipe named by ``cfg.evaluation`` (and ``cfg.ray.use_gpu``)."""
+        e = cfg.evaluation
+        return cls(e.backbone, e.image_size, e.epochs, e.lr, e.weight_decay, e.batch_size, e.augment,
+                   e.synthetic_loss_weight, cfg.ray.use_gpu)
+
+
+@dataclass
+class ArmOutcome:
+    """One trained (arm, seed): the validation-selected epoch and its test metrics."""
+
+    arm: str
+    seed: int
+    best_epoch: int
+    val_balanced_accuracy: float
+    num_real: int
+    num_synthetic: int
+    test: dict[str, Any]
+
+
+@dataclass
+class EvaluationResult:
+    """Per-arm outcomes, their mean/std, and each arm's gain over the baseline."""
+
+    output_uri: str
+    classes: list[str]
+    outcomes: list[ArmOutcome]
+    summary: dict[str, dict[str, list[float]]]
+    gains: dict[str, dict[str, dict]]
+    quality: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the result as JSON-able data."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvaluationResult":
+        """Return a result from :meth:`as_dict` data."""
+        data = dict(data)
+        data["outcomes"] = [ArmOutcome(**o) for o in data["outcomes"]]
+        return cls(**data)
+
+
+def check_labels(name: str, labels: list[str | None], classes: list[str], require_all: bool) -> None:
+    """Raise a clear error when tiles carry unknown classes, no label, or (optionally) a class is empty."""
+    known = set(classes)
+    unknown = sorted({str(c) for c in labels if c not in known})
+    if unknown:
+        raise ValueError(f"{name}: classes {unknown} are not among the real classes {classes}; "
+                         "synthesize with the same class names as the labeled set")
+    if require_all:
+        counts = {c: 0 for c in classes}
+        for c in labels:
+            counts[c] += 1
+        empty = [c for c, n in counts.items() if n == 0]
+        if empty:
+            raise ValueError(f"{name}: class(es) {empty} have no tiles; every class needs at least one "
+                             "(raise the label budget or drop the class)")
+
+
+def sample_balanced(labels: np.ndarray, total: int, num_classes: int, seed: int) -> np.ndarray:
+    """Return indices of about ``total`` items, equal per class, drawn without replacement with ``seed``."""
+    rng = np.random.default_rng(seed)
+    per_class = int(round(total / num_classes))
+    picked = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < per_class:
+            log.warning("class %d has only %d synthetic tiles (wanted %d); using all of them", c, len(idx), per_class)
+        picked.append(rng.permutation(idx)[:per_class])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def _tensors(tiles: np.ndarray) -> torch.Tensor:
+    from histodiff.data.shards import to_model_range
+
+    if len(tiles) == 0:
+        return torch.zeros(0, 3, 1, 1)
+    return to_model_range(tiles)
+
+
+def train_and_score(arm: str, seed: int, splits: Splits, extra_x: np.ndarray, extra_y: np.ndarray,
+                    recipe: Recipe, return_state: bool = False) -> tuple[ArmOutcome, dict | None]:
+    """Return the validation-selected model's test metrics for one (arm, seed) (and its weights if asked)."""
+    from histodiff.runtime import device_for
+
+    device = device_for(recipe.use_gpu)
+    num_classes = len(splits.classes)
+    train_x = _tensors(np.concatenate([splits.train_x, extra_x]) if len(extra_x) else splits.train_x)
+    train_y = torch.from_numpy(np.concatenate([splits.train_y, extra_y]).astype(np.int64))
+    weights = torch.cat([torch.ones(len(splits.train_y)), torch.full((len(extra_y),), recipe.synthetic_loss_weight)])
+    # Model selection: only train and validation tiles reach fit_classifier.
+    fit = fit_classifier(
+        train_x, train_y, _tensors(splits.val_x), torch.from_numpy(splits.val_y.astype(np.int64)),
+        backbone=recipe.backbone, num_classes=num_classes, image_size=recipe.image_size, epochs=recipe.epochs,
+        lr=recipe.lr, weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, seed=seed, device=device,
+        sample_weight=weights, augment=recipe.augment,
+    )
+    # The test split is touched here, once, after selection is final.
+    pred = predict_proba(fit.model, _tensors(splits.test_x), recipe.image_size, device=device).argmax(-1)
+    metrics = classification_metrics(pred, torch.from_numpy(splits.test_y.astype(np.int64)), num_classes)
+    outcome = ArmOutcome(arm, seed, fit.best_epoch, fit.best_val_balanced_accuracy, len(splits.train_y),
+                         len(extra_y), metrics)
+    state = {k: v.detach().cpu() for k, v in fit.model.state_dict().items()} if return_state else None
+    return outcome, state
+
+
+Runner = Callable[[Callable[..., Any], list[tuple]], list[Any]]
+
+
+def local_runner(fn: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
+    """Return ``[fn(*job) for job in jobs]``, run one after the other in this process."""
+    return [fn(*job) for job in jobs]
+
+
+def ray_runner(num_cpus: float, use_gpu: bool) -> Runner:
+    """Return a runner that runs each job as its own Ray task (one GPU each when asked)."""
+
+    def run_jobs(fn: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
+        import ray
+
+        task = ray.remote(num_cpus=num_cpus, num_gpus=1 if use_gpu else 0, max_retries=1)(fn)
+        # Large shared inputs (the splits, the pool) go to the object store once, not once per job.
+        shared: dict[int, Any] = {}
+
+        def ref(arg: Any) -> Any:
+            if isinstance(arg, (Splits, np.ndarray)) and getattr(arg, "size", 1) > 0:
+                if id(arg) not in shared:
+                    shared[id(arg)] = ray.put(arg)
+                return shared[id(arg)]
+            return arg
+
+        return ray.get([task.remote(*(ref(a) for a in job)) for job in jobs])
+
+    return run_jobs
+
+
+def evaluate_arms(splits: Splits, arms: dict[str, tuple[np.ndarray, np.ndarray]], recipe: Recipe,
+                  seeds: list[int], runner: Runner = local_runner, keep_state: tuple[str, int] | None = None,
+                  ) -> tuple[list[ArmOutcome], dict | None]:
+    """Return every (arm, seed) outcome (``arms`` maps name -> extra tiles; baseline is added) and one kept model."""
+    check_labels("real train split", [splits.classes[i] for i in splits.train_y], splits.classes, require_all=True)
+    if len(splits.val_y) == 0:
+        raise ValueError("the validation split is empty: model selection needs one (set data.val_fraction > 0)")
+    if len(splits.test_y) == 0:
+        raise ValueError("the test split is empty: give a labeled test set or set data.test_fraction > 0")
+    empty = (np.zeros((0, *splits.train_x.shape[1:]), np.uint8), np.zeros(0, np.int64))
+    all_arms = {"baseline": empty, **arms}
+    jobs = [(arm, seed, splits, x, y, recipe, keep_state == (arm, seed)) for arm, (x, y) in all_arms.items()
+            for seed in seeds]
+    results = runner(train_and_score, jobs)
+    kept = next((state for _, state in results if state is not None), None)
+    return [outcome for outcome, _ in results], kept
+
+
+def format_table(result: EvaluationResult) -> str:
+    """Return a print-ready table: each arm's mean +- std and its gain over the baseline with 95% CI."""
+    n_seeds = len({o.seed for o in result.outcomes})
+    lines = [f"downstream test metrics, {n_seeds} seed(s), model selected on validation (percent)",
+             f"{'arm':<12}" + "".join(f"{m:>22}" for m in SCALAR_METRICS)]
+    for arm, metrics in result.summary.items():
+        cells = "".join(f"{100 * mean:>15.1f} +- {100 * std:<4.1f}" for mean, std in (metrics[m] for m in SCALAR_METRICS))
+        lines.append(f"{arm:<12}{cells}")
+    for arm, gains in result.gains.items():
+        lines.append(f"gain {arm} - baseline (95% t-interval over paired seeds):")
+        for m in SCALAR_METRICS:
+            g = gains[m]
+            lines.append(f"  {m:<18} {100 * g['mean']:+6.1f} points  [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]")
+    return "\n".join(lines)
+
+
+def load_splits(cfg: Any) -> Splits:
+    """Return the labeled train/val/test splits of ``histodiff.data.splits.labeled_splits(cfg)``."""
+    from histodiff.data.splits import labeled_splits
+
+    got = labeled_splits(cfg)
+    (tx, ty, classes), (vx, vy, _), (sx, sy, _) = got["train"], got["val"], got["test"]
+    return Splits(list(classes), tx, ty, vx, vy, sx, sy)
+
+
+def load_synthetic(cfg: Any, classes: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
+    """Return (uint8 NHWC tiles, class ids, manifest fingerprint) of the accepted synthetic tiles."""
+    from histodiff import storage
+    from histodiff.data.shards import MANIFEST, load_tiles, read_manifest
+
+    uri = storage.join(cfg.paths.synthetic, "accepted")
+    if not storage.exists(storage.join(uri, MANIFEST), cfg.storage):
+        raise FileNotFoundError(f"no accepted synthetic tiles at {uri!r} (no {MANIFEST}); run the synthesize stage "
+                                "first, or set evaluation.synthetic_ratio=0 for a baseline-only evaluation")
+    manifest = read_manifest(uri, cfg.storage)
+    tiles, labels = load_tiles(uri, cfg.storage)
+    check_labels(f"synthetic tiles at {uri!r}", labels, classes, require_all=True)
+    ids = np.array([classes.index(c) for c in labels], dtype=np.int64)
+    return tiles, ids, manifest.fingerprint or str(manifest.num_tiles)
+
+
+def run(cfg: Any) -> EvaluationResult:
+    """Train baseline and augmented classifiers over the configured seeds; return and write the comparison."""
+    import hashlib
+
+    from histodiff import storage, tracking
+    from histodiff.evaluate import quality
+    from histodiff.models.backbone import check_backbone_name
+    from histodiff.runtime import init_ray
+
+    e = cfg.evaluation
+    check_backbone_name(e.backbone)
+    splits = load_splits(cfg)
+    check_labels("real train split", [splits.classes[i] for i in splits.train_y], splits.classes, require_all=True)
+    arms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    syn_x, syn_fp = None, ""
+    if e.synthetic_ratio > 0:
+        syn_x, syn_y, syn_fp = load_synthetic(cfg, splits.classes)
+        idx = sample_balanced(syn_y, round(e.synthetic_ratio * len(splits.train_y)), len(splits.classes), cfg.seed)
+        arms["augmented"] = (syn_x[idx], syn_y[idx])
+    digest = hashlib.sha256(splits.train_x.tobytes() + splits.train_y.tobytes() + splits.val_y.tobytes()
+                            + splits.test_y.tobytes()).hexdigest()[:16]
+    fingerprint = f"{cfg.fingerprint('evaluation', 'seed')}-{digest}-{syn_fp}"
+    out = cfg.paths.evaluation
+    done = _load_finished(out, fingerprint, cfg)
+    if done is not None:
+        log.info("evaluation at %s is complete for this config; skipping", out)
+        return EvaluationResult.from_dict({**done, "skipped": True})
+    init_ray(cfg)
+    with tracking.stage_run(cfg, "evaluate") as tracker:
+        outcomes, state = evaluate_arms(splits, arms, Recipe.from_config(cfg), list(e.seeds),
+                                        ray_runner(cfg.ray.cpus_per_worker, cfg.ray.use_gpu),
+                                        keep_state=("baseline", e.seeds[0]))
+        summary, gains = summarise(outcomes)
+        result = EvaluationResult(out, splits.classes, outcomes, summary, gains)
+        if syn_x is not None:
+            result.quality = quality.quality_report(cfg, splits.train_x, syn_x, state, len(splits.classes), tracker)
+        _write_result(cfg, result, fingerprint, tracker)
+    return result
+
+
+def _load_finished(out: str, fingerprint: str, cfg: Any) -> dict | None:
+    from histodiff import storage
+
+    uri = storage.join(out, RESULT_FILE)
+    if not storage.exists(uri, cfg.storage):
+        return None
+    data = storage.read_json(uri, cfg.storage)
+    return data.get("result") if data.get("fingerprint") == fingerprint else None
+
+
+def _write_result(cfg: Any, result: EvaluationResult, fingerprint: str, tracker: Any) -> None:
+    """Write plots, the table and the JSON (last, as the completion marker); log them to MLflow."""
+    import io
+
+    from histodiff import storage
+    from histodiff.evaluate.metrics import confusion_figure
+
+    out = result.output_uri
+    table = format_table(result)
+    for arm in result.summary:
+        cm = np.sum([o.test["confusion_matrix"] for o in result.outcomes if o.arm == arm], axis=0)
+        fig = confusion_figure(cm.tolist(), result.classes, f"{arm}: test confusion, summed over seeds")
+        tracker.log_figure(fig, f"confusion_{arm}.png")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        storage.write_bytes(storage.join(out, f"confusion_{arm}.png"), buf.getvalue(), cfg.storage)
+    metrics = {f"{arm}_{m}": v[0] for arm, ms in result.summary.items() for m, v in ms.items()}
+    for arm, gains in result.gains.items():
+        prefix = "gain" if arm == "augmented" else f"gain_{arm}"
+        for m, g in gains.items():
+            metrics.update({f"{prefix}_{m}": g["mean"], f"{prefix}_{m}_ci_low": g["ci_low"],
+                            f"{prefix}_{m}_ci_high": g["ci_high"]})
+    metrics.update({f"quality_{k}": v for k, v in result.quality.items() if isinstance(v, (int, float))})
+    tracker.log_metrics({k: v for k, v in metrics.items() if v == v})  # NaN (one seed) is not a metric
+    tracker.log_text(table, "evaluation_table.txt")
+    tracker.log_dict(result.as_dict(), "evaluation.json")
+    storage.write_bytes(storage.join(out, "table.txt"), (table + "\n").encode(), cfg.storage)
+    storage.write_json(storage.join(out, RESULT_FILE), {"fingerprint": fingerprint, "result": result.as_dict()},
+                       cfg.storage)

@@ -1,0 +1,159 @@
+"""MLflow model registry for the exported models: log, register, alias ``champion``.
+
+Each export (``histodiff.checkpoint.export_model``) becomes a pyfunc model
+(:mod:`histodiff.pyfunc_model`) registered as ``<registry_prefix>-<kind>`` with the alias
+``tracking.champion_alias``. Exports up to ``tracking.max_model_upload_mb`` are copied into
+MLflow; larger ones stay in storage and MLflow keeps their URI and sha256 (a pointer), so
+gigabytes are never uploaded twice. Registering the same sha256 again is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from histodiff import checkpoint, storage
+from histodiff.config import HistodiffConfig
+from histodiff.tracking import Tracker, scrub
+
+log = logging.getLogger(__name__)
+
+# model kind -> the paths.<field> holding its export, and the stage that writes it.
+MODEL_KINDS: dict[str, tuple[str, str]] = {
+    "autoencoder": ("autoencoder", "autoencoder"),
+    "denoiser": ("denoiser", "pretrain"),
+    "latent-classifier": ("classifier", "classifier"),
+    "selector": ("selector", "synthesize"),
+}
+_REQUIREMENTS = ("torch", "diffusers", "timm", "safetensors", "pyarrow", "mlflow")
+
+
+@dataclass
+class RegisteredModel:
+    """One registered model version."""
+
+    name: str
+    version: str
+    sha256: str
+    uri: str
+    bundled: bool
+
+
+def registered_name(cfg: HistodiffConfig, kind: str) -> str:
+    """Return the registry name of a model kind, e.g. ``histodiff-denoiser``."""
+    return f"{cfg.tracking.registry_prefix}-{kind}"
+
+
+def pip_requirements() -> list[str]:
+    """Return pinned requirements (installed versions) for the pyfunc models."""
+    out = []
+    for name in _REQUIREMENTS:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def _export_size_mb(local_dir: str) -> float:
+    return sum(p.stat().st_size for p in Path(local_dir).rglob("*") if p.is_file()) / 2**20
+
+
+def _champion_sha(client, name: str, alias: str) -> str | None:
+    try:
+        return client.get_model_version_by_alias(name, alias).tags.get("histodiff.sha256")
+    except Exception:  # no such model or alias yet
+        return None
+
+
+def register_export(cfg: HistodiffConfig, tracker: Tracker, kind: str, uri: str) -> RegisteredModel | None:
+    """Log one export as a pyfunc model in the tracker's run and alias it champion; return it.
+
+    Returns None when tracking or registration is off, the export is incomplete, the same
+    sha256 is already champion, or MLflow fails (reported, never raised).
+    """
+    if not (tracker.active and cfg.tracking.register_models):
+        return None
+    if not storage.exists(storage.join(uri, checkpoint.MODEL_META), cfg.storage):
+        return None
+    meta = checkpoint.model_meta(uri, cfg.storage)
+    name = registered_name(cfg, kind)
+    alias = cfg.tracking.champion_alias
+    sha = str(meta.get("sha256", ""))
+    if sha and _champion_sha(tracker.client, name, alias) == sha:
+        log.info("%s@%s already holds sha256 %s; not registering again", name, alias, sha[:12])
+        return None
+    try:
+        return _register(cfg, tracker, kind, uri, meta, name, alias, sha)
+    except Exception as exc:  # the registry must never fail a finished stage
+        log.warning("registering %s from %s failed: %s", name, scrub(uri), scrub(exc)[:300])
+        return None
+
+
+def _register(cfg: HistodiffConfig, tracker: Tracker, kind: str, uri: str, meta: dict, name: str,
+              alias: str, sha: str) -> RegisteredModel:
+    import mlflow.pyfunc
+
+    client = tracker.client
+    with tempfile.TemporaryDirectory(prefix="histodiff-register-") as tmp:
+        local = storage.download_dir(uri, os.path.join(tmp, "export"), cfg.storage)
+        bundled = _export_size_mb(local) <= cfg.tracking.max_model_upload_mb
+        if bundled:
+            artifacts = {"export": local}
+        else:
+            pointer = os.path.join(tmp, "pointer.json")
+            with open(pointer, "w") as f:
+                json.dump({"uri": uri, "sha256": sha, "kind": kind}, f)
+            artifacts = {"pointer": pointer}
+        model_dir = os.path.join(tmp, "mlflow-model")
+        package_dir = Path(__file__).resolve().parent
+        mlflow.pyfunc.save_model(
+            model_dir,
+            python_model=str(package_dir / "pyfunc_model.py"),
+            artifacts=artifacts,
+            pip_requirements=pip_requirements(),
+            metadata={"histodiff_kind": kind, "sha256": sha},
+        )
+        artifact_path = f"models/{kind}"
+        client.log_artifacts(tracker.run_id, model_dir, artifact_path)
+    try:
+        client.create_registered_model(name)
+    except Exception:  # already exists
+        pass
+    tags = {"histodiff.sha256": sha, "histodiff.uri": scrub(uri), "histodiff.bundled": str(bundled)}
+    version = client.create_model_version(name, source=f"runs:/{tracker.run_id}/{artifact_path}",
+                                          run_id=tracker.run_id, tags=tags)
+    client.set_registered_model_alias(name, alias, version.version)
+    tracker.set_tags({f"histodiff.model.{kind}.uri": uri, f"histodiff.model.{kind}.sha256": sha})
+    log.info("registered %s version %s (@%s, %s)", name, version.version, alias,
+             "bundled" if bundled else "pointer to storage")
+    return RegisteredModel(name, str(version.version), sha, uri, bundled)
+
+
+def register_stage_models(cfg: HistodiffConfig, tracker: Tracker, stage: str) -> list[RegisteredModel]:
+    """Register every model the given stage exports; return the new versions."""
+    out = []
+    for kind, (path_field, owner) in MODEL_KINDS.items():
+        if owner == stage:
+            registered = register_export(cfg, tracker, kind, getattr(cfg.paths, path_field))
+            if registered:
+                out.append(registered)
+    return out
+
+
+def load_champion(cfg: HistodiffConfig, kind: str):
+    """Return the pyfunc model registered as ``<prefix>-<kind>@<champion alias>``."""
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    from histodiff.tracking import _mlflow_ready
+
+    uri = _mlflow_ready(cfg)
+    local = mlflow.artifacts.download_artifacts(
+        f"models:/{registered_name(cfg, kind)}@{cfg.tracking.champion_alias}", tracking_uri=uri, registry_uri=uri)
+    return mlflow.pyfunc.load_model(local)

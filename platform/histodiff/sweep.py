@@ -1,0 +1,215 @@
+"""Ray Tune sweep of synthesis + evaluation over guidance scale x selection threshold (x ratio).
+
+Each trial runs ``augment.synthesize`` then ``evaluate.downstream`` with one setting and
+reports the *validation* gain in balanced accuracy (augmented minus real-only, paired by
+seed). "No synthetic tiles" is always in the space (its gain is 0 by definition), so the
+recommendation may be "don't augment". The recommended setting's *test* gain is reported
+separately: the search never looks at it. Every trial is a nested MLflow run under one
+sweep parent; a failing trial is recorded and the sweep goes on; rerunning resumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from histodiff import storage, tracking
+from histodiff.config import ConfigError, HistodiffConfig, SweepConfig, config_from_dict
+from histodiff.sweep_report import recommend, write_report
+
+log = logging.getLogger(__name__)
+
+TrialFn = Callable[[HistodiffConfig], dict[str, float]]
+NO_SYNTHETIC = {"guidance_scale": None, "threshold": None, "synthetic_ratio": 0.0}
+# The trial's own process mostly waits on the Ray tasks / Train workers it starts.
+TRIAL_DRIVER_CPU = 0.5
+
+
+@dataclass
+class SweepResult:
+    """Every trial's outcome, the recommendation (validation) and its test gain, where it lies."""
+
+    trials: list[dict[str, Any]]
+    recommended: dict[str, Any]
+    recommended_val_gain: float
+    recommended_test_gain: float | None
+    num_failed: int
+    output_uri: str
+    parent_run_id: str | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+
+def load_space(cfg: HistodiffConfig, path: str) -> HistodiffConfig:
+    """Return cfg with its ``sweep`` section overridden by a search-space YAML file."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"search space {path!r} cannot be read: {exc}") from None
+    data = data.get("sweep", data)
+    merged = {**cfg.sweep.model_dump(), **data}
+    try:
+        sweep = SweepConfig.model_validate(merged)
+    except Exception as exc:
+        raise ConfigError(f"search space {path!r} is invalid: {exc}") from None
+    return cfg.model_copy(update={"sweep": sweep})
+
+
+def search_points(sweep: SweepConfig, default_ratio: float) -> list[dict[str, Any]]:
+    """Return the grid: every scale x threshold (x ratio) point, then "no synthetic tiles"."""
+    ratios = [r for r in (sweep.synthetic_ratios or [default_ratio]) if r > 0]
+    points = [{"guidance_scale": s, "threshold": t, "synthetic_ratio": r}
+              for s, t, r in itertools.product(sweep.guidance_scales, sweep.thresholds, ratios)]
+    return points + [dict(NO_SYNTHETIC)]
+
+
+def point_key(point: dict[str, Any]) -> str:
+    """Return a short, path-safe name for a search point."""
+    if not point.get("synthetic_ratio"):
+        return "no-synthetic"
+    return f"s{point['guidance_scale']:g}_t{point['threshold']:g}_r{point['synthetic_ratio']:g}"
+
+
+def trial_config(cfg: HistodiffConfig, point: dict[str, Any]) -> HistodiffConfig:
+    """Return the config of one trial: the point's settings and its own output paths."""
+    data = cfg.public_dict()
+    root = storage.join(cfg.paths.sweep, "trials", point_key(point))
+    data["paths"].update(synthetic=storage.join(root, "synthetic"), evaluation=storage.join(root, "evaluation"),
+                         checkpoints=storage.join(root, "checkpoints"))
+    data["evaluation"]["synthetic_ratio"] = float(point["synthetic_ratio"] or 0.0)
+    if point.get("guidance_scale") is not None:
+        data["synthesis"]["guidance_scale"] = float(point["guidance_scale"])
+    if point.get("threshold") is not None:
+        data["synthesis"]["selector"]["threshold"] = float(point["threshold"])
+    out = config_from_dict(data)
+    # public_dict drops credentials; keep the caller's (they never reach MLflow: flat_params drops them).
+    return out.model_copy(update={"storage": cfg.storage})
+
+
+def gains_from_evaluation(result: Any) -> dict[str, float]:
+    """Return the validation and test gains in balanced accuracy from an EvaluationResult."""
+    by_seed: dict[str, dict[int, float]] = {}
+    for o in result.outcomes:
+        by_seed.setdefault(o.arm, {})[o.seed] = o.val_balanced_accuracy
+    base, aug = by_seed.get("baseline", {}), by_seed.get("augmented", {})
+    paired = [aug[s] - base[s] for s in aug if s in base]
+    if not paired:
+        raise ValueError("the evaluation holds no augmented arm paired with the baseline; cannot compute a gain")
+    test = result.gains.get("augmented", {}).get("balanced_accuracy", {})
+    return {"val_gain": sum(paired) / len(paired), "test_gain": float(test.get("mean", float("nan"))),
+            "val_baseline": sum(base.values()) / len(base)}
+
+
+def synthesize_and_evaluate(cfg: HistodiffConfig) -> dict[str, float]:
+    """Run synthesis then evaluation for one trial config; return its gains."""
+    from histodiff.stages import get_stage
+
+    get_stage("synthesize")(cfg)
+    return gains_from_evaluation(get_stage("evaluate")(cfg))
+
+
+def _trial(config: dict[str, Any], base: dict[str, Any], parent_run_id: str | None, trial_fn: TrialFn) -> None:
+    """Tune function trainable: one trial as a nested MLflow run; reports ``val_gain``."""
+    from ray import tune
+
+    point = config["point"]
+    cfg = trial_config(config_from_dict(base), point)
+    params = {f"sweep.{k}": v for k, v in point.items()}
+    with tracking.stage_run(cfg, "trial", params=params, parent_run_id=parent_run_id,
+                            run_name=f"{cfg.name}/trial {point_key(point)}") as tracker:
+        if not point.get("synthetic_ratio"):
+            gains = {"val_gain": 0.0, "test_gain": 0.0}  # real-only against itself: no training needed
+        else:
+            previous = os.environ.get(tracking.PARENT_RUN_ENV)
+            if tracker.active:  # the stages' runs nest under this trial
+                os.environ[tracking.PARENT_RUN_ENV] = tracker.run_id
+            try:
+                gains = trial_fn(cfg)
+            finally:
+                os.environ.pop(tracking.PARENT_RUN_ENV, None)
+                if previous is not None:
+                    os.environ[tracking.PARENT_RUN_ENV] = previous
+        tracker.log_metrics(gains)
+    tune.report({**gains, "key": point_key(point)})
+
+
+def max_concurrent(cfg: HistodiffConfig) -> int:
+    """Return how many trials fit the cluster at once (each trial's workers plus its driver)."""
+    import ray
+
+    if cfg.sweep.max_concurrent_trials:
+        return cfg.sweep.max_concurrent_trials
+    res = ray.cluster_resources()
+    per_trial_cpu = cfg.ray.cpus_per_worker * cfg.ray.num_workers + TRIAL_DRIVER_CPU
+    n = max(1, math.floor(res.get("CPU", 1) / per_trial_cpu))
+    if cfg.ray.use_gpu:
+        n = min(n, max(1, math.floor(res.get("GPU", 0) / cfg.ray.num_workers)))
+    return n
+
+
+def _tuner(cfg: HistodiffConfig, trainable: Any, name: str, storage_path: str, fs: Any) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = cfg.sweep
+    experiment = f"{storage_path.rstrip('/')}/{name}"
+    if s.resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        log.info("resuming the sweep at %s", experiment)
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
+                                  storage_filesystem=fs)
+    points = search_points(s, cfg.evaluation.synthetic_ratio)
+    # grid: every point once (x num_samples); random: num_samples draws from the same points.
+    space = {"point": tune.grid_search(points) if s.search == "grid" else tune.choice(points)}
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="val_gain", mode="max", num_samples=s.num_samples, max_concurrent_trials=max_concurrent(cfg),
+            scheduler=ASHAScheduler(max_t=100, grace_period=1) if s.asha else None),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+    )
+
+
+def run(cfg: HistodiffConfig, trial_fn: TrialFn | None = None) -> SweepResult:
+    """Run (or resume) the sweep; return every trial, the recommendation and its test gain."""
+    from ray import tune
+
+    from histodiff.runtime import init_ray
+
+    if not cfg.sweep.guidance_scales or not cfg.sweep.thresholds:
+        raise ConfigError("sweep.guidance_scales and sweep.thresholds need at least one value each")
+    loc = storage.resolve(cfg.paths.sweep, cfg.storage)
+    fs = loc.fs if storage.is_s3(cfg.paths.sweep) else None
+    storage.makedirs(cfg.paths.sweep, cfg.storage)
+    parent_file = storage.join(cfg.paths.sweep, "parent_run.json")
+    previous = storage.read_json(parent_file, cfg.storage) if storage.exists(parent_file, cfg.storage) else {}
+    init_ray(cfg)
+    with tracking.parent_run(cfg, "sweep", resume_run_id=previous.get("run_id")) as parent:
+        if parent.active:
+            storage.write_json(parent_file, {"run_id": parent.run_id}, cfg.storage)
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=cfg.public_dict(), parent_run_id=parent.run_id,
+                                 trial_fn=trial_fn or synthesize_and_evaluate),
+            {"cpu": TRIAL_DRIVER_CPU})
+        grid = _tuner(cfg, trainable, f"{cfg.name}-sweep", loc.path, fs).fit()
+        trials = []
+        for res in grid:
+            point = res.config.get("point", {}) if res.config else {}
+            metrics = res.metrics or {}
+            trials.append({**point, "key": point_key(point) if point else "?",
+                           "val_gain": metrics.get("val_gain"), "test_gain": metrics.get("test_gain"),
+                           "status": "ERROR" if res.error else "OK",
+                           "error": tracking.scrub(res.error)[:500] if res.error else None})
+        best, best_val, best_test = recommend(trials)
+        result = SweepResult(trials=trials, recommended=best, recommended_val_gain=best_val,
+                             recommended_test_gain=best_test, num_failed=sum(t["status"] != "OK" for t in trials),
+                             output_uri=cfg.paths.sweep, parent_run_id=parent.run_id)
+        result.artifacts = write_report(cfg, result, parent)
+    return result

@@ -1,0 +1,170 @@
+"""Downstream evaluation: determinism, test-split isolation, bad input, and the Ray stage end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from histodiff.evaluate import downstream
+from histodiff.evaluate.downstream import Recipe, Splits, check_labels, evaluate_arms, sample_balanced
+
+RECIPE = Recipe("test_resnet", image_size=16, epochs=2, lr=3e-3, weight_decay=0.0, batch_size=8, augment="none")
+CLASSES = ["dark", "light"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is ~10x faster than OpenMP spinning."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_splits(seed: int = 0, n: int = 6, size: int = 16) -> Splits:
+    """Two separable classes (dark vs light noise); test tiles carry a marker pixel (0, 0) = 7."""
+    rng = np.random.default_rng(seed)
+
+    def block(k):
+        y = np.arange(k) % 2
+        x = np.where(y[:, None, None, None] == 0, rng.integers(0, 110, (k, size, size, 3)),
+                     rng.integers(140, 256, (k, size, size, 3))).astype(np.uint8)
+        x[:, 0, 0, :] = 200  # never the marker value
+        return x, y.astype(np.int64)
+
+    tx, ty = block(n)
+    vx, vy = block(n)
+    sx, sy = block(n)
+    sx[:, 0, 0, :] = 7
+    return Splits(list(CLASSES), tx, ty, vx, vy, sx, sy)
+
+
+def _is_test(x: torch.Tensor) -> torch.Tensor:
+    # tiles in [-1, 1]: the marker 7 maps to 7 / 127.5 - 1
+    return (x[:, :, 0, 0] - (7 / 127.5 - 1)).abs().max(dim=1).values < 1e-4
+
+
+def test_same_seed_gives_identical_metrics():
+    splits = make_splits()
+    arms = {"augmented": (splits.train_x[:2].copy(), splits.train_y[:2].copy())}
+    a, _ = evaluate_arms(splits, arms, RECIPE, seeds=[3])
+    b, _ = evaluate_arms(splits, arms, RECIPE, seeds=[3])
+    assert [o.test for o in a] == [o.test for o in b]
+    assert [o.val_balanced_accuracy for o in a] == [o.val_balanced_accuracy for o in b]
+    assert {o.arm for o in a} == {"baseline", "augmented"}
+    assert [o.num_synthetic for o in a] == [0, 2]
+
+
+def test_test_split_never_reaches_model_selection(monkeypatch):
+    import histodiff.train.backbone as bb
+
+    events: list[str] = []
+    real_fit, real_predict = bb.fit_classifier, bb.predict_proba
+    state = {"in_fit": False}
+
+    def spy_predict(model, x, *args, **kwargs):
+        if bool(_is_test(x).any()):
+            assert not state["in_fit"], "test tiles were scored during model selection"
+            assert bool(_is_test(x).all())
+            events.append("score_test")
+        else:
+            events.append("predict_val" if state["in_fit"] else "predict_other")
+        return real_predict(model, x, *args, **kwargs)
+
+    def spy_fit(train_x, train_y, val_x, val_y, **kwargs):
+        assert not bool(_is_test(train_x).any()) and not bool(_is_test(val_x).any()), "test tiles reached selection"
+        state["in_fit"] = True
+        events.append("fit_start")
+        try:
+            return real_fit(train_x, train_y, val_x, val_y, **kwargs)
+        finally:
+            state["in_fit"] = False
+            events.append("fit_end")
+
+    monkeypatch.setattr(bb, "predict_proba", spy_predict)
+    monkeypatch.setattr(downstream, "predict_proba", spy_predict)
+    monkeypatch.setattr(downstream, "fit_classifier", spy_fit)
+    outcomes, _ = evaluate_arms(make_splits(), {}, RECIPE, seeds=[0])
+    # selection predicts validation once per epoch; the test split is scored once, after fit_end
+    assert events == ["fit_start", "predict_val", "predict_val", "fit_end", "score_test"]
+    assert outcomes[0].test["num_test"] == 6
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match=r"classes \['zebra'\] are not among the real classes"):
+        check_labels("synthetic tiles", ["dark", "zebra"], CLASSES, require_all=True)
+    with pytest.raises(ValueError, match=r"class\(es\) \['light'\] have no tiles"):
+        check_labels("synthetic tiles", ["dark", "dark"], CLASSES, require_all=True)
+    splits = make_splits()
+    splits.train_y[:] = 0
+    with pytest.raises(ValueError, match=r"real train split: class\(es\) \['light'\] have no tiles"):
+        evaluate_arms(splits, {}, RECIPE, seeds=[0])
+    bad = Recipe("resnet_does_not_exist", 16, 1, 1e-3, 0.0, 8)
+    with pytest.raises(ValueError, match="timm has no model named 'resnet_does_not_exist'"):
+        evaluate_arms(make_splits(), {}, bad, seeds=[0])
+    splits = make_splits()
+    splits.test_x, splits.test_y = splits.test_x[:0], splits.test_y[:0]
+    with pytest.raises(ValueError, match="test split is empty"):
+        evaluate_arms(splits, {}, RECIPE, seeds=[0])
+
+
+def test_sample_balanced_is_seeded_and_balanced():
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 8)
+    a = sample_balanced(labels, 12, 3, seed=1)
+    assert np.array_equal(a, sample_balanced(labels, 12, 3, seed=1))
+    assert not np.array_equal(a, sample_balanced(labels, 12, 3, seed=2))
+    assert np.bincount(labels[a], minlength=3).tolist() == [4, 3, 4]  # class 1 has only 3
+
+
+def _write_shards(uri, tiles, labels):
+    from histodiff.data import shards
+
+    table = shards.tiles_table(tiles, labels, "synthetic", [f"syn-{i}" for i in range(len(tiles))])
+    shards.write_table(table, f"{uri}/{shards.shard_name(0)}")
+    shards.write_manifest(shards.Manifest(uri, [shards.shard_name(0)], len(tiles), sorted(set(labels)),
+                                          tiles.shape[1], fingerprint="synfp"))
+
+
+@pytest.mark.slow
+def test_run_on_ray_writes_table_logs_gain_and_skips_rerun(ray_local, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from histodiff.config import load_config
+
+    splits = make_splits(n=8)
+    syn = make_splits(seed=5, n=8)
+    _write_shards(str(tmp_path / "synthetic" / "accepted"), syn.train_x, [CLASSES[i] for i in syn.train_y])
+    monkeypatch.setattr(downstream, "load_splits", lambda cfg: splits)
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", f"tracking.tracking_uri={db}", "evaluation.epochs=1",
+                               "evaluation.image_size=16", "evaluation.backbone=test_resnet", "evaluation.seeds=[0,1]", "evaluation.batch_size=8",
+                               "evaluation.memorisation_pairs=2"])
+    result = downstream.run(cfg)
+    assert len(result.outcomes) == 4 and not result.skipped
+    assert [o.num_synthetic for o in result.outcomes if o.arm == "augmented"] == [8, 8]
+    g = result.gains["augmented"]["accuracy"]
+    per_seed = {o.seed: o.test["accuracy"] for o in result.outcomes if o.arm == "augmented"}
+    base = {o.seed: o.test["accuracy"] for o in result.outcomes if o.arm == "baseline"}
+    assert g["per_seed"] == pytest.approx([per_seed[s] - base[s] for s in (0, 1)])
+    assert result.quality["extractor"] == "baseline:test_resnet" and result.quality["fid"] >= -1e-6
+    table = (tmp_path / "evaluation" / "table.txt").read_text()
+    assert "gain augmented - baseline" in table and "baseline" in table
+    assert (tmp_path / "evaluation" / "confusion_augmented.png").stat().st_size > 1000
+    assert (tmp_path / "evaluation" / "quality" / "closest_pairs.png").is_file()
+    client = MlflowClient(tracking_uri=db)
+    run = client.search_runs([client.get_experiment_by_name("histodiff-tiny").experiment_id])[0]
+    assert run.data.metrics["gain_accuracy"] == pytest.approx(g["mean"])
+    assert "gain_balanced_accuracy_ci_low" in run.data.metrics
+    again = downstream.run(cfg)
+    assert again.skipped and again.gains == result.gains
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_train_and_score_on_gpu():
+    import dataclasses
+
+    recipe = dataclasses.replace(RECIPE, use_gpu=True)
+    outcomes, _ = evaluate_arms(make_splits(), {}, recipe, seeds=[0])
+    assert 0.0 <= outcomes[0].test["accuracy"] <= 1.0 and outcomes[0].test["num_test"] == 6

@@ -1,0 +1,235 @@
+"""Ingest: tile conversion rules, bad files skipped and counted, resume, and every bad-input error."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from histodiff import storage
+from histodiff.config import ConfigError, load_config
+from histodiff.data import ingest, shards
+from histodiff.data.builtin import tissue_image
+
+from conftest import free_port
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _cfg(tmp_path, *overrides: str):
+    return load_config("tiny", [f"paths.root={tmp_path}/out", "paths.unlabeled_sources=[]",
+                                "paths.labeled_source=null", "paths.labeled_test_source=null",
+                                "tracking.enabled=false", *overrides])
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Make any attempt to start Ray fail, to prove errors come before Ray work."""
+    def refuse(cfg, **kwargs):
+        raise AssertionError("Ray was started before the input was checked")
+
+    monkeypatch.setattr("histodiff.runtime.init_ray", refuse)
+
+
+# ---------------------------------------------------------------- tile rules (no Ray)
+
+def test_prepare_tile_resizes_smallest_side_then_center_crops():
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, 20:60] = 200  # the central 40x40 square is bright, the margins dark
+    tile, reason, conv = ingest.prepare_tile(_png(img), 20, 32, None)
+    assert reason is None and conv is None and tile.shape == (20, 20, 3)
+    # the crop holds the centre only (bicubic resampling blurs the outermost column a little)
+    assert tile.min() > 150 and abs(float(tile[:, 2:-2].mean()) - 200) < 2
+
+
+def test_prepare_tile_converts_and_skips_by_reason():
+    rgb = tissue_image()[:48, :48]
+    gray, reason, conv = ingest.prepare_tile(_png(rgb.mean(-1).astype(np.uint8)), 32, 32, None)
+    assert conv == "grayscale" and gray.shape == (32, 32, 3) and np.array_equal(gray[..., 0], gray[..., 2])
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:8, :8, 3] = 0  # a transparent corner composites to white
+    tile, _, conv = ingest.prepare_tile(_png(rgba, "RGBA"), 48, 32, None)
+    assert conv == "rgba" and (tile[:8, :8] == 255).all() and np.array_equal(tile[20:, 20:], rgb[20:, 20:])
+    good = _png(rgb)
+    assert ingest.prepare_tile(b"", 32, 32, None)[1] == "empty"
+    assert ingest.prepare_tile(b"not an image at all", 32, 32, None)[1] == "not_image"
+    assert ingest.prepare_tile(good[: len(good) // 2], 32, 32, None)[1] == "truncated"
+    assert ingest.prepare_tile(_png(rgb[:20, :20]), 32, 32, None)[1] == "too_small"
+    white = np.full((48, 48, 3), 245, np.uint8)
+    assert ingest.prepare_tile(_png(white), 32, 32, 80)[1] == "low_saturation"
+    assert ingest.prepare_tile(good, 32, 32, 80)[1] is None  # stained tissue passes the paper's rule
+
+
+# ---------------------------------------------------------------- end to end on real Ray
+
+def _messy_source(root: str) -> dict[str, int]:
+    """Write good, duplicate and broken files; return the counts ingest must report."""
+    image = tissue_image()
+    os.makedirs(root)
+    for i in range(10):
+        Image.fromarray(image[i * 40 : i * 40 + 48, 300:348]).save(f"{root}/a{i:02d}.png")
+    Image.fromarray(image[:48, 300:348]).save(f"{root}/z_dup_of_a00.tif")  # lands in a later chunk
+    Image.fromarray(image[100:148, 100:148].mean(-1).astype(np.uint8)).save(f"{root}/b_gray.png")
+    Image.fromarray(np.dstack([image[200:248, 0:48], np.full((48, 48), 255, np.uint8)])).save(f"{root}/b_rgba.png")
+    Image.fromarray(image[:16, :16]).save(f"{root}/c_small.png")
+    open(f"{root}/c_empty.png", "wb").close()
+    with open(f"{root}/c_text.jpg", "w") as f:
+        f.write("this is not a JPEG")
+    good = open(f"{root}/a01.png", "rb").read()
+    with open(f"{root}/c_trunc.png", "wb") as f:
+        f.write(good[: len(good) // 2])
+    with open(f"{root}/c_corrupt.png", "wb") as f:  # zeroed bytes inside the compressed pixel data
+        f.write(good[: len(good) // 2] + bytes(16) + good[len(good) // 2 + 16 :])
+    with open(f"{root}/notes.txt", "w") as f:
+        f.write("ignored: not an image extension")
+    return {"seen": 18, "written": 12}
+
+
+@pytest.mark.slow
+def test_ingest_skips_counts_dedups_and_resumes(tmp_path, ray_local):
+    expected = _messy_source(str(tmp_path / "pool"))
+    cfg = _cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/pool]", "data.tiles_per_shard=5",
+               "data.max_bad_fraction=0.3")
+    result = ingest.run(cfg)
+    report = result.reports["unlabeled"]
+    assert report["seen"] == expected["seen"] and report["written"] == expected["written"]
+    assert report["skipped"] == {"empty": 1, "not_image": 1, "truncated": 1, "corrupt": 1, "too_small": 1,
+                                 "duplicate": 1}
+    assert report["converted"] == {"grayscale": 1, "rgba": 1}
+    out = cfg.paths.unlabeled_shards
+    manifest = shards.read_manifest(out)
+    # chunks of 5 sorted files; the last chunk (c_text, c_trunc, z_dup) keeps nothing, so it has no shard
+    assert manifest.shards == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert manifest.num_tiles == 12 and manifest.classes == []
+    tiles, labels = shards.load_tiles(out)
+    assert tiles.shape == (12, 32, 32, 3) and labels == [None] * 12
+    table = shards.read_table(out)
+    assert len(set(table.column("sha1").to_pylist())) == 12
+    assert not any("z_dup" in s for s in table.column("source").to_pylist())  # the first copy wins
+
+    # same inputs and settings: nothing is redone
+    stamp = os.stat(os.path.join(out, shards.MANIFEST)).st_mtime_ns
+    assert ingest.run(cfg).reused == {"unlabeled": True}
+    assert os.stat(os.path.join(out, shards.MANIFEST)).st_mtime_ns == stamp
+
+    # a crash after some chunks: only the unfinished chunk is redone
+    os.remove(os.path.join(out, shards.MANIFEST))
+    os.remove(os.path.join(out, ingest.PROGRESS_DIR, "chunk-00002.json"))
+    kept = os.stat(os.path.join(out, "part-00001.parquet")).st_mtime_ns
+    again = ingest.run(cfg)
+    assert again.reused == {"unlabeled": False} and again.reports["unlabeled"] == report
+    assert os.stat(os.path.join(out, "part-00001.parquet")).st_mtime_ns == kept
+
+    # changed settings: rebuilt at the new size
+    bigger = ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/pool]", "data.tiles_per_shard=5",
+                             "data.max_bad_fraction=0.3", "data.tile_size=16"))
+    assert bigger.reused == {"unlabeled": False} and shards.load_tiles(out)[0].shape == (12, 16, 16, 3)
+
+    # past the allowed fraction of bad files: one clear error, no manifest
+    os.remove(os.path.join(out, shards.MANIFEST))
+    with pytest.raises(ingest.IngestError, match=r"5 of 18 files are unusable .*data.max_bad_fraction=0.1"):
+        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/pool]", "data.max_bad_fraction=0.1"))
+    assert not os.path.exists(os.path.join(out, shards.MANIFEST))
+
+
+@pytest.mark.slow
+def test_ingest_labeled_from_s3_with_tracking(tmp_path, ray_local, s3_bucket, builtin_data):
+    for split in ("train", "test"):
+        src = builtin_data[f"labeled_{split}"]
+        for cls in sorted(os.listdir(src)):
+            for name in sorted(os.listdir(os.path.join(src, cls)))[:6]:
+                storage.write_bytes(f"{s3_bucket}/nct/{split}/{cls}/{name}", open(os.path.join(src, cls, name), "rb").read())
+    cfg = _cfg(tmp_path, f"paths.root={s3_bucket}/out", f"paths.labeled_source={s3_bucket}/nct/train",
+               f"paths.labeled_test_source={s3_bucket}/nct/test", "tracking.enabled=true",
+               f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=ingest-test")
+    result = ingest.run(cfg)
+    assert result.num_tiles == {"labeled": 18, "labeled_test": 18}
+    assert result.classes["labeled"] == ["BACK", "STR", "TUM"]
+    manifest = shards.read_manifest(f"{s3_bucket}/out/shards/labeled")
+    assert manifest.shard_uris() == [f"{s3_bucket}/out/shards/labeled/part-00000.parquet"]
+    _, labels = shards.load_tiles(f"{s3_bucket}/out/shards/labeled_test")
+    assert sorted(labels) == ["BACK"] * 6 + ["STR"] * 6 + ["TUM"] * 6
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("ingest-test")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.metrics["labeled.tiles_written"] == 18 and run.data.metrics["labeled_test.files_seen"] == 18
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(run.data.params)
+
+
+# ---------------------------------------------------------------- bad inputs: clear errors before Ray
+
+def test_missing_local_path(tmp_path, no_ray):
+    with pytest.raises(storage.StorageError, match=f"'{tmp_path}/nope' does not exist"):
+        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/nope]"))
+
+
+def test_nothing_to_ingest_and_typos(tmp_path, no_ray):
+    with pytest.raises(ingest.IngestError, match="nothing to ingest"):
+        ingest.run(_cfg(tmp_path))
+    spec = importlib.util.spec_from_file_location("jobs_ingest", JOBS / "ingest.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(ConfigError, match=r"data\.tile_sise: unknown key"):
+        job.main(["--config", "tiny", "data.tile_sise=32"])
+
+
+def test_empty_folder_and_class_folder_without_images(tmp_path, no_ray):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ingest.IngestError, match="holds no image files"):
+        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/empty]"))
+    tile = tissue_image()[:48, :48]
+    os.makedirs(tmp_path / "nct" / "TUM")
+    os.makedirs(tmp_path / "nct" / "STR")
+    Image.fromarray(tile).save(tmp_path / "nct" / "TUM" / "a.tif")
+    with pytest.raises(ingest.IngestError, match=r"class folder\(s\) \['STR'\] .* hold no image files"):
+        ingest.run(_cfg(tmp_path, f"paths.labeled_source={tmp_path}/nct"))
+    with pytest.raises(ingest.IngestError, match="one folder per class"):
+        ingest.run(_cfg(tmp_path, f"paths.labeled_source={tmp_path}/nct/TUM"))
+
+
+@pytest.mark.slow
+def test_s3_missing_bucket_empty_prefix_and_empty_class(tmp_path, s3_bucket, no_ray):
+    with pytest.raises(storage.StorageError, match="bucket 'hd-no-such-bucket' .* does not exist"):
+        ingest.run(_cfg(tmp_path, "paths.unlabeled_sources=[s3://hd-no-such-bucket/tiles]"))
+    storage.write_bytes(f"{s3_bucket}/docs/readme.txt", b"no tiles here")
+    with pytest.raises(ingest.IngestError, match=f"unlabeled source '{s3_bucket}/docs' holds no image files"):
+        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/docs]"))
+    with pytest.raises(storage.StorageError, match="does not exist"):
+        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/never/written]"))
+    storage.write_bytes(f"{s3_bucket}/nct/TUM/a.png", _png(tissue_image()[:48, :48]))
+    storage.write_bytes(f"{s3_bucket}/nct/MUC/notes.txt", b"labels pending")
+    with pytest.raises(ingest.IngestError, match=r"class folder\(s\) \['MUC'\]"):
+        ingest.run(_cfg(tmp_path, f"paths.labeled_source={s3_bucket}/nct"))
+
+
+@pytest.mark.slow
+def test_s3_wrong_credentials_and_unreachable_endpoint(tmp_path, s3_bucket, monkeypatch, no_ray):
+    from moto import settings
+
+    storage.write_bytes(f"{s3_bucket}/pool/a.png", _png(tissue_image()[:48, :48]))
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    start = time.monotonic()
+    with pytest.raises(storage.StorageError, match="unreachable; check storage.endpoint_url") as info:
+        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/pool]",
+                        f"storage.endpoint_url=http://127.0.0.1:{free_port()}", "storage.connect_timeout_s=1"))
+    assert time.monotonic() - start < 10 and secret not in str(info.value)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGKEY0000")
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks keys only in IAM mode
+    with pytest.raises(storage.StorageError, match="Check the S3 credentials") as info:
+        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/pool]"))
+    assert secret not in str(info.value)
