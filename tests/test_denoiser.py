@@ -12,7 +12,7 @@ from histodiff.config import load_config
 from histodiff.models import denoiser as dn
 from histodiff.train import common
 from histodiff.train import denoiser as tr
-from latent_data import write_latents
+from histodiff.bench.generative import write_synthetic_latents as write_latents
 
 SMALL = ["denoiser.block_out_channels=[32, 32]", "denoiser.attention_levels=[false, true]",
          "denoiser.norm_num_groups=8", "denoiser.attention_head_dim=8", "denoiser.batch_size=8",
@@ -139,7 +139,7 @@ def test_two_workers_train_export_and_skip_on_rerun(ray_local, tmp_path):
     assert common.completed_steps(cfg, "pretrain") == [6, 12]
     unet, meta = ckpt.load_exported(__import__("diffusers").UNet2DModel, cfg.paths.denoiser)
     assert meta["kind"] == "denoiser" and meta["step"] == 12 and meta["latent_shape"] == [3, 8, 8]
-    assert meta["scale_factor"] == 0.5 and meta["autoencoder_sha256"] == "test-ae" and meta["sha256"] == result.sha256
+    assert meta["scale_factor"] == 0.5 and meta["autoencoder_sha256"] == "synthetic" and meta["sha256"] == result.sha256
     client = MlflowClient(uri)
     run = client.search_runs(client.get_experiment_by_name(cfg.tracking.experiment).experiment_id)[0]
     history = client.get_metric_history(run.info.run_id, "probe_loss")

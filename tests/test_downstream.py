@@ -117,32 +117,37 @@ def test_sample_balanced_is_seeded_and_balanced():
     assert np.bincount(labels[a], minlength=3).tolist() == [4, 3, 4]  # class 1 has only 3
 
 
-def _write_shards(uri, tiles, labels):
+def _write_shards(uri, tiles, labels, dataset="synthetic"):
     from histodiff.data import shards
 
-    table = shards.tiles_table(tiles, labels, "synthetic", [f"syn-{i}" for i in range(len(tiles))])
+    table = shards.tiles_table(tiles, labels, dataset, [f"{dataset}-{i}" for i in range(len(tiles))])
     shards.write_table(table, f"{uri}/{shards.shard_name(0)}")
     shards.write_manifest(shards.Manifest(uri, [shards.shard_name(0)], len(tiles), sorted(set(labels)),
-                                          tiles.shape[1], fingerprint="synfp"))
+                                          tiles.shape[1], fingerprint=f"{dataset}fp"))
 
 
 @pytest.mark.slow
-def test_run_on_ray_writes_table_logs_gain_and_skips_rerun(ray_local, tmp_path, monkeypatch):
+def test_run_on_ray_writes_table_logs_gain_and_skips_rerun(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from histodiff.config import load_config
 
-    splits = make_splits(n=8)
+    real = make_splits(n=12)
     syn = make_splits(seed=5, n=8)
-    _write_shards(str(tmp_path / "synthetic" / "accepted"), syn.train_x, [CLASSES[i] for i in syn.train_y])
-    monkeypatch.setattr(downstream, "load_splits", lambda cfg: splits)
+    names = lambda ids: [CLASSES[i] for i in ids]  # noqa: E731
+    _write_shards(str(tmp_path / "shards" / "labeled"), real.train_x, names(real.train_y), "labeled")
+    _write_shards(str(tmp_path / "shards" / "labeled_test"), real.test_x, names(real.test_y), "test")
+    _write_shards(str(tmp_path / "synthetic" / "accepted"), syn.train_x, names(syn.train_y))
     db = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config("tiny", [f"paths.root={tmp_path}", f"tracking.tracking_uri={db}", "evaluation.epochs=1",
                                "evaluation.image_size=16", "evaluation.backbone=test_resnet", "evaluation.seeds=[0,1]", "evaluation.batch_size=8",
-                               "evaluation.memorisation_pairs=2"])
+                               "evaluation.memorisation_pairs=2",
+                               "data.labels_per_class=4", "data.val_fraction=0.34"])
     result = downstream.run(cfg)
     assert len(result.outcomes) == 4 and not result.skipped
-    assert [o.num_synthetic for o in result.outcomes if o.arm == "augmented"] == [8, 8]
+    # labels_per_class=4 of 6 per class after validation -> 8 real tiles, ratio 1 -> 8 synthetic (4 per class)
+    assert [(o.num_real, o.num_synthetic) for o in result.outcomes if o.arm == "augmented"] == [(8, 8), (8, 8)]
+    assert all(o.test["num_test"] == 12 for o in result.outcomes)
     g = result.gains["augmented"]["accuracy"]
     per_seed = {o.seed: o.test["accuracy"] for o in result.outcomes if o.arm == "augmented"}
     base = {o.seed: o.test["accuracy"] for o in result.outcomes if o.arm == "baseline"}

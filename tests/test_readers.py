@@ -98,3 +98,32 @@ def test_tile_dataset_streams_every_tile_once_from_s3_into_ray_train(tmp_path, r
     assert result.return_value["indices"] == list(range(40))
     assert result.return_value["label_sum"] == sum(expected_ids)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_tile_dataset_streams_onto_the_gpu(tmp_path, ray_local):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    uri = str(tmp_path / "shards")
+    _write_shards(uri, 24, per_shard=8)
+    ds = tile_dataset(uri, load_config("tiny", [f"paths.root={tmp_path}"]), augment=True)
+
+    def loop(config: dict) -> dict:
+        from histodiff.runtime import device_for
+
+        device, n = device_for(True), 0
+        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=8, device=device):
+            assert batch["image"].device.type == "cuda"
+            n += len(batch["image"])
+        return {"count": n}
+
+    result = TorchTrainer(loop, datasets={"train": ds}, scaling_config=ScalingConfig(num_workers=1, use_gpu=True),
+                          run_config=RunConfig(name="readers-gpu", storage_path=str(tmp_path / "train"))).fit()
+    assert result.return_value["count"] == 24

@@ -70,7 +70,7 @@ def _stub_stages(calls: list[str]):
 def test_run_validation_orchestrates_the_protocol(ray_local, tmp_path):
     calls: list[str] = []
     out = validate.run_validation(
-        str(tmp_path), budgets=(2,), seeds=(0, 1), val_per_class=3, test_per_class=3, stage=_stub_stages(calls),
+        str(tmp_path), budgets=(2,), seeds=(0, 1), val_per_class=3, test_per_class=3, max_pool=300, stage=_stub_stages(calls),
         overrides=["evaluation.backbone=test_resnet", "evaluation.epochs=1", "evaluation.image_size=16",
                    "autoencoder.block_out_channels=[8,8]", "autoencoder.norm_num_groups=4",
                    "evaluation.pseudo_label_threshold=0.0"])

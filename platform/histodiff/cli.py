@@ -175,9 +175,21 @@ def _sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Return the parsed command line; overrides may come before or after the options."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``histodiff`` console script; return the exit code."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging()
     signal.signal(signal.SIGTERM, _sigterm)
     try:

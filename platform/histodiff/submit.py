@@ -54,6 +54,9 @@ def entrypoint(stage: str, config: str, overrides: list[str], space: str | None 
 def runtime_env(pip: bool = False) -> dict:
     """Return the runtime_env that ships this checkout (code, job files, presets) to the cluster."""
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    # The job's driver passes its own env_vars to ray.init (histodiff.runtime.init_ray); without
+    # this, Ray refuses to merge two runtime_envs that name the same variable.
+    env_vars["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     env = {"working_dir": str(REPO_ROOT), "excludes": EXCLUDES, "py_modules": [str(PACKAGE_DIR)],
            "env_vars": env_vars}
     if pip:

@@ -139,6 +139,12 @@ def _trial(config: dict[str, Any], base: dict[str, Any], parent_run_id: str | No
     tune.report({**gains, "key": point_key(point)})
 
 
+def _error_line(error: BaseException) -> str:
+    """Return the last line of a trial's error (the exception itself, not Ray's traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return tracking.scrub(lines[-1] if lines else type(error).__name__)[:500]
+
+
 def max_concurrent(cfg: HistodiffConfig) -> int:
     """Return how many trials fit the cluster at once (each trial's workers plus its driver)."""
     import ray
@@ -191,6 +197,12 @@ def run(cfg: HistodiffConfig, trial_fn: TrialFn | None = None) -> SweepResult:
     parent_file = storage.join(cfg.paths.sweep, "parent_run.json")
     previous = storage.read_json(parent_file, cfg.storage) if storage.exists(parent_file, cfg.storage) else {}
     init_ray(cfg)
+    if trial_fn is None:
+        # Trials share the selector (the threshold is not part of it): train it once, here,
+        # rather than in several concurrent trials writing the same path.
+        from histodiff.augment.synthesize import ensure_selector
+
+        ensure_selector(cfg)
     with tracking.parent_run(cfg, "sweep", resume_run_id=previous.get("run_id")) as parent:
         if parent.active:
             storage.write_json(parent_file, {"run_id": parent.run_id}, cfg.storage)
@@ -206,7 +218,7 @@ def run(cfg: HistodiffConfig, trial_fn: TrialFn | None = None) -> SweepResult:
             trials.append({**point, "key": point_key(point) if point else "?",
                            "val_gain": metrics.get("val_gain"), "test_gain": metrics.get("test_gain"),
                            "status": "ERROR" if res.error else "OK",
-                           "error": tracking.scrub(res.error)[:500] if res.error else None})
+                           "error": _error_line(res.error) if res.error else None})
         best, best_val, best_test = recommend(trials)
         result = SweepResult(trials=trials, recommended=best, recommended_val_gain=best_val,
                              recommended_test_gain=best_test, num_failed=sum(t["status"] != "OK" for t in trials),

@@ -178,6 +178,8 @@ def experiment_id(cfg: HistodiffConfig) -> str:
 
 
 def _end_open_runs() -> None:
+    if not _OPEN_RUNS:
+        return
     from mlflow.tracking import MlflowClient
 
     for run_id, uri in list(_OPEN_RUNS.items()):

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 N_TILES = 2000
 TILE = 64
 PER_SHARD = 500
+BATCH = 256  # decode batch size, the same for both Ray paths
 BUCKET = "hd-bench-ingest"
 ENV = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_REGION": "us-east-1",
        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
@@ -76,6 +77,7 @@ def run(workdir: str, n_tiles: int = N_TILES) -> dict[str, dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -106,13 +108,13 @@ def run(workdir: str, n_tiles: int = N_TILES) -> dict[str, dict]:
 
         def loose_ds(subset: list[str]) -> Any:
             return ray.data.read_binary_files(subset, filesystem=fs).map_batches(
-                _decode_loose, batch_format="numpy", batch_size=64)
+                _decode_loose, batch_format="numpy", batch_size=BATCH)
 
         _count(loose_ds(paths[:64]))  # warm-up: worker start-up is not throughput
-        _count(tile_dataset(shard_uri, cfg, augment=False))
+        _count(tile_dataset(shard_uri, cfg, augment=False, batch_size=BATCH))
         timings = {}
         start = time.perf_counter()
-        assert _count(tile_dataset(shard_uri, cfg, augment=False)) == n_tiles
+        assert _count(tile_dataset(shard_uri, cfg, augment=False, batch_size=BATCH)) == n_tiles
         timings["shards"] = time.perf_counter() - start
         start = time.perf_counter()
         assert _count(loose_ds(paths)) == n_tiles

@@ -19,13 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from histodiff import storage
-from histodiff.checkpoint import load_exported, model_meta
 from histodiff.config import HistodiffConfig, StorageConfig
 from histodiff.data import shards
 from histodiff.runtime import autocast, device_for, init_ray, worker_env
+
+# torch and the checkpoint helpers load lazily: the streaming path (latent_dataset) needs neither.
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,20 @@ class EncodeResult:
 class TileEncoder:
     """Ray Data UDF: loads the exported autoencoder once per actor; maps PNG rows to latents."""
 
-    def __init__(self, autoencoder_uri: str, storage_cfg: dict, use_gpu: bool) -> None:
+    def __init__(self, autoencoder_uri: str, storage_cfg: StorageConfig | dict, use_gpu: bool) -> None:
         from diffusers import AutoencoderKL
 
+        from histodiff.checkpoint import load_exported
+
         self.device = device_for(use_gpu)
+        # StorageConfig travels pickled (SecretStr never prints), like the pyarrow filesystem Ray reads with.
         vae, _ = load_exported(AutoencoderKL, autoencoder_uri, StorageConfig.model_validate(storage_cfg))
         self.vae = vae.to(self.device).eval()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Return a LATENT_SCHEMA table for a batch of tile rows."""
+        import torch
+
         tiles = np.stack([shards.decode_png(b) for b in batch.column("image").to_pylist()])
         x = shards.to_model_range(tiles).to(self.device, non_blocking=True)
         with torch.no_grad(), autocast(self.device):
@@ -135,6 +140,8 @@ def encode_set(src_uri: str, out_uri: str, cfg: HistodiffConfig, autoencoder_sha
     """
     import ray.data
 
+    from histodiff.checkpoint import model_meta
+
     manifest = shards.read_manifest(src_uri, cfg.storage)
     if manifest.num_tiles == 0 or not manifest.shards:
         raise ValueError(f"{src_uri!r} holds no tiles to encode; check the ingest report in its {shards.MANIFEST}")
@@ -145,10 +152,10 @@ def encode_set(src_uri: str, out_uri: str, cfg: HistodiffConfig, autoencoder_sha
     # Storage settings must reach the tasks and actors even where Ray started without them.
     remote = {"runtime_env": {"env_vars": worker_env(cfg)}}
     ds = ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].fs, columns=["image", "label", "sha1"],
-                               ray_remote_args=remote)
+                               runtime_env=remote["runtime_env"])
     ds = ds.map_batches(
         TileEncoder,
-        fn_constructor_kwargs={"autoencoder_uri": cfg.paths.autoencoder, "storage_cfg": cfg.public_dict()["storage"],
+        fn_constructor_kwargs={"autoencoder_uri": cfg.paths.autoencoder, "storage_cfg": cfg.storage,
                                "use_gpu": cfg.ray.use_gpu},
         batch_size=ae.encode_batch_size,
         batch_format="pyarrow",
@@ -161,6 +168,8 @@ def encode_set(src_uri: str, out_uri: str, cfg: HistodiffConfig, autoencoder_sha
     ds.write_parquet(out.path, filesystem=out.fs, ray_remote_args=remote)
     parts = sorted(u.rsplit("/", 1)[-1] for u in storage.list_files(out_uri, cfg.storage, [".parquet"]))
     counts = [_read_meta(storage.join(out_uri, p), cfg.storage).num_rows for p in parts]
+    parts = [p for p, n in zip(parts, counts) if n]  # Ray may leave empty files for empty blocks
+    counts = [n for n in counts if n]
     first = _read_part(storage.join(out_uri, parts[0]), cfg.storage, ["latent"]).column("latent")[0].as_py()
     vae_meta = model_meta(cfg.paths.autoencoder, cfg.storage)
     side = manifest.tile_size // int(vae_meta["downsample_factor"])
@@ -196,6 +205,7 @@ def labeled_sets(cfg: HistodiffConfig) -> dict[str, tuple[str, str]]:
 def run(cfg: HistodiffConfig) -> EncodeResult:
     """Encode the unlabeled and labeled shards with the exported autoencoder; skip what is done."""
     from histodiff import tracking
+    from histodiff.checkpoint import model_meta
 
     sha = model_meta(cfg.paths.autoencoder, cfg.storage)["sha256"]
     shards.read_manifest(cfg.paths.unlabeled_shards, cfg.storage)  # fail early on a missing input
@@ -227,8 +237,10 @@ def _result(cfg: HistodiffConfig, sha: str, done: dict, todo: dict, skipped: boo
 
 
 def load_latents(uri: str, storage_cfg: StorageConfig | None = None
-                 ) -> tuple[torch.Tensor, list[str | None], list[str], dict]:
+                 ) -> tuple["torch.Tensor", list[str | None], list[str], dict]:
     """Return (fp32 NCHW unscaled latents, labels, sha1s, meta) of a small latents directory."""
+    import torch
+
     meta = read_latents_meta(uri, storage_cfg)
     tables = [_read_part(u, storage_cfg, ["latent", "label", "sha1"]) for u in _part_uris(uri, meta)]
     table = pa.concat_tables(tables) if tables else LATENT_SCHEMA.empty_table()

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
@@ -145,10 +146,6 @@ def _source_name(uri: str) -> str:
     return posixpath.basename(uri.rstrip("/")) or uri
 
 
-def _rel(base_uri: str, file_uri: str, cfg: StorageConfig) -> str:
-    base = storage.resolve(base_uri, cfg).path.rstrip("/")
-    path = storage.resolve(file_uri, cfg).path
-    return path[len(base) + 1 :].replace("\\", "/")
 
 
 def _list_images(uri: str, what: str, cfg: HistodiffConfig) -> list[str]:
@@ -172,9 +169,12 @@ def list_unlabeled(cfg: HistodiffConfig) -> list[tuple[str, str | None, str]]:
 def list_labeled(source: str, cfg: HistodiffConfig) -> list[tuple[str, str | None, str]]:
     """Return the sorted (uri, class, dataset) items of a one-folder-per-class source."""
     files = _list_images(source, "labeled source", cfg)
+    # list_files returns "s3://" + path or a local absolute path under the resolved base
+    base = storage.resolve(source, cfg.storage).path.rstrip("/")
     by_class: dict[str, list[str]] = {}
     for f in files:
-        rel = _rel(source, f, cfg.storage)
+        path = f[5:] if storage.is_s3(f) else f
+        rel = path[len(base) + 1 :].replace(os.sep, "/")
         if "/" not in rel:
             raise IngestError(f"labeled source {source!r} holds image files directly in it ({rel!r}); it needs "
                               "one folder per class (the NCT-CRC layout: <source>/<CLASS>/<tile>.tif)")
@@ -205,6 +205,19 @@ def _clear_stale(out_uri: str, cfg: StorageConfig) -> None:
         for f in storage.list_files(out_uri, cfg, [".parquet"]):
             if posixpath.basename(f).startswith("part-"):
                 storage.delete(f, cfg)
+
+
+def _finished_chunks(out_uri: str, fingerprint: str, cfg: StorageConfig) -> dict[int, dict[str, Any]]:
+    """Return {chunk index: progress record} of chunks an earlier run with this fingerprint finished."""
+    # One listing each for records and shards: never a request per chunk.
+    records = storage.list_files(storage.join(out_uri, PROGRESS_DIR), cfg, [".json"])
+    parts = {posixpath.basename(u) for u in storage.list_files(out_uri, cfg, [".parquet"])} if records else set()
+    done = {}
+    for uri in records:
+        rec = storage.read_json(uri, cfg)
+        if rec.get("fingerprint") == fingerprint and (rec["shard"] is None or rec["shard"] in parts):
+            done[int(posixpath.basename(uri)[len("chunk-"):-len(".json")])] = rec
+    return done
 
 
 def _report_add(report: dict[str, Any], stats: dict[str, Any]) -> None:
@@ -253,14 +266,7 @@ def ingest_set(name: str, items: list[tuple[str, str | None, str]], out_uri: str
     seen_sha1: set[str] = set()
     shard_names: list[str] = []
     futures: dict[int, tuple[Any, Any]] = {}
-    done: dict[int, dict[str, Any]] = {}
-    for i in range(len(chunks)):
-        puri = storage.join(out_uri, PROGRESS_DIR, f"chunk-{i:05d}.json")
-        if storage.exists(puri, scfg):
-            rec = storage.read_json(puri, scfg)
-            if rec.get("fingerprint") == fingerprint and (
-                    rec["shard"] is None or storage.exists(storage.join(out_uri, rec["shard"]), scfg)):
-                done[i] = rec
+    done = _finished_chunks(out_uri, fingerprint, scfg)
     if done:
         log.info("%s: resuming; %d of %d chunks were finished by an earlier run", name, len(done), len(chunks))
     todo = [i for i in range(len(chunks)) if i not in done]

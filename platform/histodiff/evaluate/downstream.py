@@ -260,7 +260,7 @@ def run(cfg: Any) -> EvaluationResult:
     """Train baseline and augmented classifiers over the configured seeds; return and write the comparison."""
     import hashlib
 
-    from histodiff import storage, tracking
+    from histodiff import tracking
     from histodiff.evaluate import quality
     from histodiff.models.backbone import check_backbone_name
     from histodiff.runtime import init_ray

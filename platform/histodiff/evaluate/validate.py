@@ -120,7 +120,8 @@ def budget_figures(outcomes: list[Any], probes: dict[str, list[dict]], wall_s: f
 
 
 def run_validation(workdir: str, budgets: tuple[int, ...] = (2, 5, 10), seeds: tuple[int, ...] = (0, 1, 2),
-                   val_per_class: int = 20, test_per_class: int = 100, overrides: list[str] | None = None,
+                   val_per_class: int = 20, test_per_class: int = 100, max_pool: int | None = None,
+                   overrides: list[str] | None = None,
                    stage: Callable[[str], Callable[[HistodiffConfig], Any]] | None = None) -> dict[str, Any]:
     """Return the validation figures: ``validate_*`` for the smallest budget and ``validate_curve`` per budget."""
     from histodiff.evaluate.baselines import probe_baselines, pseudo_label_outcomes
@@ -133,6 +134,8 @@ def run_validation(workdir: str, budgets: tuple[int, ...] = (2, 5, 10), seeds: t
     t0 = time.time()
     x, y = mnist_tiles()
     idx = split_indices(y, 0, val_per_class, test_per_class)
+    if max_pool is not None:  # a smaller pool for quick checks; the benchmark uses all of it
+        idx["pool"] = np.sort(np.random.default_rng(0).permutation(idx["pool"])[:max_pool])
     sizes = {k: len(v) for k, v in idx.items()}
     shared = budget_config(workdir, None, sizes, overrides)
     root = workdir.rstrip("/")
@@ -171,7 +174,9 @@ def run_validation(workdir: str, budgets: tuple[int, ...] = (2, 5, 10), seeds: t
                                           cfg.evaluation.pseudo_label_threshold, runner=runner)
         probes = probe_baselines(splits, encode, cfg.evaluation.knn_k, list(seeds))
         curve[str(budget)] = budget_figures(outcomes, probes, time.time() - tb)
-        log.info("validation budget %d: %s", budget, {k: v for k, v in curve[str(budget)].items() if k != "cheap_baselines"})
+        log.info("validation budget %d: %s", budget, curve[str(budget)])
+        # Partial figures survive an interrupted run (the stages themselves resume from their outputs).
+        storage.write_json(f"{root}/curve_partial.json", curve, shared.storage)
     smallest = curve[str(min(budgets))]
     out = {f"validate_{k}": smallest[k] for k in ("baseline_acc", "augmented_acc", "gain_points", "gain_ci_low",
                                                     "gain_ci_high", "unfiltered_gain_points", "cheap_baseline_acc")}

@@ -293,9 +293,8 @@ def run(cfg: HistodiffConfig) -> AutoencoderResult:
     init_ray(cfg)
     with tracking.stage_run(cfg, STAGE, params={"autoencoder.fingerprint": fp}) as tracker:
         loop_config = {"cfg": cfg.public_dict(), **common.tracking_loop_config(tracker)}
-        trainer = common.build_trainer(cfg, train_loop, loop_config, stage,
-                                       datasets={"train": tile_dataset(cfg.paths.unlabeled_shards, cfg, augment=cfg.data.augment,
-                                                                       batch_size=ae.batch_size)})
+        tiles = tile_dataset(cfg.paths.unlabeled_shards, cfg, augment=cfg.data.augment, batch_size=ae.batch_size)
+        trainer = common.build_trainer(cfg, train_loop, loop_config, stage, datasets={"train": tiles})
         trainer.fit()
         state, step = final_weights(cfg, stage)
         if step != ae.steps:

@@ -48,6 +48,7 @@ class PretrainResult:
     probe_losses: list[list[float]] = field(default_factory=list)  # [step, loss on a fixed batch]
     samples_per_s: float | None = None
     run_uri: str = ""
+    resumed_from: list[list[float]] = field(default_factory=list)  # [step, probe loss right after restore]
     skipped: bool = False
 
 
@@ -238,7 +239,6 @@ def train_loop(config: dict) -> None:
                              "denoiser architecture or latent shape; use a new `name` or delete that run directory")
         load_state(state, tensors, st)
         probe, probes = tensors.get("probe", {}).get("latents"), st.get("probe_losses", [])
-        resumed_from = [*st.get("resumed_from", []), state.step]
         # Fresh, deterministic noise after a restart rather than a replay of the pre-crash draws.
         state.generator.manual_seed(cfg.seed * 1000 + info.rank + 7919 * state.step)
     if info.rank == 0 and probe is None:
@@ -250,6 +250,7 @@ def train_loop(config: dict) -> None:
         probes = [[0, probe_loss(state, probe)]]
     if info.rank == 0 and restored is not None:
         resumed = probe_loss(state, probe)
+        resumed_from = [*restored[1].get("resumed_from", []), [state.step, resumed]]
         log.info("resumed at step %d (probe loss %.4f)", state.step, resumed)
     vae = _load_vae(cfg, config) if info.rank == 0 else None
     fault = config.get("fault_inject")
@@ -381,4 +382,4 @@ def run(cfg: HistodiffConfig) -> PretrainResult:
         metrics = result.metrics or {}
         tracker.set_tags({"denoiser.sha256": sha, "denoiser.uri": cfg.paths.denoiser})
     return PretrainResult(cfg.paths.denoiser, sha, step, metrics.get("loss"), st.get("probe_losses") or [],
-                          metrics.get("samples_per_s"), common.run_uri(cfg, STAGE))
+                          metrics.get("samples_per_s"), common.run_uri(cfg, STAGE), st.get("resumed_from") or [])

@@ -1,0 +1,248 @@
+"""Denoiser pretraining: Ray Train overhead, MFU, memory vs dataset size, and scaling 1 -> 2 workers.
+
+All figures come from one run on one machine, side by side:
+- ``ray_train_overhead_ratio``: samples/s of 1 Ray Train worker streaming cached latents
+  through Ray Data / samples/s of a plain PyTorch loop over the same latents in memory (same
+  model, batch and thread count). Target >= 0.9.
+- ``mfu_cpu`` (``mfu_gpu`` with CUDA): training FLOP/s (FLOPs counted by
+  ``torch.utils.flop_counter.FlopCounterMode``) / the FLOP/s of a 2048x2048 fp32 (bf16 on GPU)
+  matmul measured in the same run. Target >= 0.5 for the tiny preset on the CPU.
+- ``rss_10x_over_1x``: peak RSS of the whole pretrain job (driver + local Ray) on 10x vs 1x the
+  latents, each run for one pass over its data. Target <= 1.2 (the latents are streamed).
+- ``two_vs_one_worker_ratio``: samples/s with 2 Ray Train workers vs 1, one thread each. Target >= 1.7.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WARMUP, MEASURED = 3, 12
+
+
+def write_synthetic_latents(uri: str, n: int, shape: tuple[int, ...] = (3, 8, 8), scale_factor: float = 0.5,
+                            parts: int = 2, seed: int = 0, storage_cfg: Any = None) -> dict:
+    """Write ``n`` smooth random fp16 latents in the encode stage's format (parts, then _latents.json); return the meta."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from histodiff import storage
+
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    # Low-frequency structure, as real latents have, so a denoiser has something to learn.
+    base = rng.normal(size=(n, c, 2, 2)).repeat(h // 2, axis=2).repeat(w // 2, axis=3)
+    z = (base / scale_factor + 0.1 * rng.normal(size=(n, c, h, w))).astype(np.float16)
+    names = []
+    for i, idx in enumerate(np.array_split(np.arange(n), parts)):
+        rows = [z[j].tobytes() for j in idx]
+        table = pa.table({"latent": pa.array(rows, pa.binary()), "label": pa.array([None] * len(idx), pa.string()),
+                          "sha1": pa.array([hashlib.sha1(r).hexdigest() for r in rows], pa.string())})
+        names.append(f"part-{i:05d}.parquet")
+        loc = storage.resolve(storage.join(uri, names[-1]), storage_cfg)
+        loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, loc.path, filesystem=loc.fs)
+    meta = {"shape": list(shape), "scale_factor": scale_factor, "autoencoder_sha256": "synthetic", "num_latents": n,
+            "shards": names}
+    storage.write_json(storage.join(uri, "_latents.json"), meta, storage_cfg)
+    return meta
+
+
+def _matmul_flops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step_flops(state: Any, z: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from histodiff.train import denoiser as tr
+
+    with FlopCounterMode(display=False) as counter:
+        tr.train_step(state, [z])
+    return float(counter.get_total_flops())
+
+
+def _plain_rate(cfg: Any, shape: list[int], device: torch.device) -> tuple[float, float]:
+    """Return (samples/s, FLOP/s) of the plain PyTorch loop over in-memory latents."""
+    from histodiff.train import denoiser as tr
+
+    b = cfg.denoiser.batch_size
+    state = tr.make_state(cfg.denoiser, shape, device, cfg.seed)
+    batches = tr.in_memory_batches(torch.randn(b * 4, *shape, device=device), b, cfg.seed)
+    flops = _step_flops(state, next(batches))
+    for _ in range(WARMUP):
+        tr.train_step(state, [next(batches)])
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(MEASURED):
+        tr.train_step(state, [next(batches)])
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return MEASURED * b / seconds, flops * MEASURED / seconds
+
+
+def _bench_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from histodiff.config import config_from_dict
+    from histodiff.runtime import device_for
+    from histodiff.train import denoiser as tr
+
+    torch.set_num_threads(config["threads"])
+    cfg = config_from_dict(config["cfg"])
+    device = device_for(cfg.ray.use_gpu)
+    state = tr.make_state(cfg.denoiser, config["shape"], device, cfg.seed, wrap=ray.train.torch.prepare_model)
+    batches = tr._shard_batches(ray.train.get_dataset_shard("train"), cfg.denoiser.batch_size, device)
+    for _ in range(WARMUP):
+        tr.train_step(state, [next(batches)])
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(MEASURED):
+        tr.train_step(state, [next(batches)])
+    _sync(device)
+    rate = MEASURED * cfg.denoiser.batch_size * ray.train.get_context().get_world_size() / (time.perf_counter() - start)
+    ray.train.report({"samples_per_s": rate})
+
+
+def _ray_rate(cfg: Any, shape: list[int], workers: int, threads: int, stage: str) -> float:
+    from histodiff.data.encode import latent_dataset
+    from histodiff.train import common
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.ray.num_workers = workers
+    cfg.ray.cpus_per_worker = 0.5 if workers > 1 else 1.0  # leave Ray Data a CPU on 2 cores
+    loop_config = {"cfg": cfg.public_dict(), "shape": shape, "threads": threads}
+    trainer = common.build_trainer(cfg, _bench_loop, loop_config, stage,
+                                   datasets={"train": latent_dataset(cfg.paths.latents, cfg)})
+    return float(trainer.fit().metrics["samples_per_s"])
+
+
+def _tree_rss(pid: int) -> int:
+    """Return the summed RSS in bytes of a process and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _peak_rss_of(fn: Any) -> int:
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_rss(os.getpid()))
+            stop.wait(0.25)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        thread.join()
+    return peak[0]
+
+
+def run(workdir: str, preset: str = "tiny") -> dict[str, dict]:
+    """Return the pretraining figures (see the module docstring), measured side by side."""
+    import ray
+
+    from histodiff.config import load_config
+    from histodiff.runtime import device_for
+    from histodiff.train import denoiser as tr
+
+    gpu = torch.cuda.is_available()
+    root = os.path.abspath(os.path.join(workdir, uuid.uuid4().hex[:8]))
+    base = [f"paths.root={root}", "tracking.enabled=false", f"ray.use_gpu={str(gpu).lower()}", "ray.address=null"]
+    cfg = load_config(preset, base)
+    shape = [3, 8, 8] if preset == "tiny" else [3, 64, 64]
+    b = cfg.denoiser.batch_size
+    n1 = b * (WARMUP + MEASURED + 2) * 2
+    write_synthetic_latents(cfg.paths.latents, n1, tuple(shape))
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=None if gpu else 2, include_dashboard=False)
+    device = device_for(gpu)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the same thread count as one Ray worker below
+        plain_rate, plain_flops = _plain_rate(cfg, shape, torch.device("cpu"))
+        matmul = _matmul_flops(torch.device("cpu"))
+        ray_one = _ray_rate(cfg, shape, 1, 1, "bench-1w")
+        ray_two = _ray_rate(cfg, shape, 2, 1, "bench-2w")
+        rss = {}
+        for factor in (1, 10):
+            n = b * 4 * factor
+            sub = load_config(preset, [*base, f"paths.root={root}/rss{factor}", f"denoiser.steps={n // b}",
+                                       f"denoiser.checkpoint_every={n // b}", "denoiser.report_every=1000"])
+            write_synthetic_latents(sub.paths.latents, n, tuple(shape))
+            rss[factor] = _peak_rss_of(lambda: tr.run(sub))
+        gpu_mfu = None
+        if gpu:
+            torch.set_num_threads(threads)
+            _, gpu_flops = _plain_rate(load_config("paper", [*base, "denoiser.compile=false"]), [3, 64, 64], device)
+            gpu_mfu = gpu_flops / _matmul_flops(device)
+    finally:
+        torch.set_num_threads(threads)
+        if started:
+            ray.shutdown()
+    load = os.getloadavg()[0]
+    measured = (f"{datetime.now(timezone.utc):%Y-%m-%d} {platform.machine()} {os.cpu_count()} CPUs "
+                f"{torch.cuda.get_device_name() if gpu else 'no GPU'} (load avg {load:.1f})")
+
+    def figure(value: Any, unit: str, goal: str) -> dict[str, Any]:
+        return {"value": value, "unit": unit, "goal": goal, "measured": measured}
+
+    out = {
+        "ray_train_overhead_ratio": figure(round(ray_one / plain_rate, 3), "ratio", ">= 0.9"),
+        "mfu_cpu": figure(round(plain_flops / matmul, 3), "fraction of fp32 matmul FLOP/s", ">= 0.5 (tiny)"),
+        "rss_10x_over_1x": figure(round(rss[10] / rss[1], 3), "ratio", "<= 1.2"),
+        "two_vs_one_worker_ratio": figure(round(ray_two / ray_one, 3), "ratio", ">= 1.7"),
+        "denoiser_samples_per_s": figure({"plain_1thread": round(plain_rate, 1), "ray_1worker": round(ray_one, 1),
+                                          "ray_2workers": round(ray_two, 1)}, "samples/s", "informational"),
+    }
+    if gpu_mfu is not None:
+        out["mfu_gpu"] = figure(round(gpu_mfu, 3), "fraction of bf16 matmul FLOP/s", "> 0.23 (H200 eager baseline)")
+    return out

@@ -1,0 +1,56 @@
+"""The shared timm trainer: augmentations, validation-only selection, determinism, bad names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from histodiff.models.backbone import check_backbone_name, create_backbone
+from histodiff.train.backbone import fit_classifier, label_safe_augment, shift_augment
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_shift_augment_translates_without_flipping():
+    x = torch.zeros(4, 1, 8, 8)
+    x[:, :, 3, 4] = 1.0
+    out = shift_augment(x, torch.Generator().manual_seed(0), max_shift=2)
+    assert out.shape == x.shape
+    for img in out[:, 0]:
+        (r, c), = torch.nonzero(img).tolist()
+        assert abs(r - 3) <= 2 and abs(c - 4) <= 2
+    same = shift_augment(x, torch.Generator().manual_seed(0), max_shift=2)
+    assert torch.equal(out, same)
+    rot = label_safe_augment(x, torch.Generator().manual_seed(1))
+    assert rot.sum() == x.sum() and rot.shape == x.shape
+
+
+def test_unknown_timm_name_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"timm has no model named 'resnet_nope'.*similar names"):
+        check_backbone_name("resnet_nope")
+    with pytest.raises(ValueError, match="timm has no model named"):
+        create_backbone("resnet_nope", 2, 32)
+    with pytest.raises(ValueError, match="unknown augmentation 'mixup'"):
+        fit_classifier(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]),
+                       backbone="test_resnet", num_classes=2, image_size=8, epochs=1, lr=1e-3, weight_decay=0.0,
+                       batch_size=2, seed=0, augment="mixup")
+
+
+def test_fit_selects_on_validation_and_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(16) % 2
+    x = torch.randn(16, 3, 8, 8, generator=g) * 0.3 + (y.view(-1, 1, 1, 1) * 2 - 1) * 0.5
+    kw = dict(backbone="test_resnet", num_classes=2, image_size=8, epochs=3, lr=3e-3, weight_decay=0.0,
+              batch_size=4, seed=5, augment="shift")
+    a = fit_classifier(x[:8], y[:8], x[8:], y[8:], **kw)
+    b = fit_classifier(x[:8], y[:8], x[8:], y[8:], **kw)
+    scores = [h["val_balanced_accuracy"] for h in a.history]
+    assert a.best_epoch == scores.index(max(scores)) and a.best_val_balanced_accuracy == max(scores)
+    assert scores == [h["val_balanced_accuracy"] for h in b.history]
+    assert all(torch.equal(p, q) for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()))

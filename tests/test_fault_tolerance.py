@@ -1,0 +1,69 @@
+"""Fault recovery of the pretrain stage on real Ray: a killed worker, a crashed run resumed, S3 storage."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from histodiff import checkpoint as ckpt
+from histodiff import storage
+from histodiff.train import common
+from histodiff.train import denoiser as tr
+from histodiff.bench.generative import write_synthetic_latents as write_latents
+from test_denoiser import ray_cfg
+
+pytestmark = pytest.mark.slow
+
+
+def test_killed_worker_is_replaced_and_loses_at_most_one_interval(ray_local, tmp_path, monkeypatch):
+    cfg = ray_cfg(tmp_path, "name=kill", "denoiser.steps=10", "denoiser.checkpoint_every=4", "ray.max_failures=2")
+    write_latents(cfg.paths.latents, 256)
+    marker = tmp_path / "fired"
+    monkeypatch.setenv(tr.FAULT_ENV, f"mode=kill,rank=1,step=6,marker={marker}")
+    result = tr.run(cfg)
+    assert marker.exists()  # the SIGKILL really happened
+    assert result.step == 10
+    (resumed_step, resumed_loss), = result.resumed_from
+    assert resumed_step == 4 and 6 - resumed_step <= cfg.denoiser.checkpoint_every
+    probe = dict((int(s), v) for s, v in result.probe_losses)
+    assert sorted(probe) == [0, 4, 8, 10]
+    assert resumed_loss == pytest.approx(probe[4], rel=1e-4)  # restored exactly the step-4 weights
+
+
+def test_crashed_run_resumes_on_rerun_and_skips_a_partial_checkpoint(ray_local, tmp_path, monkeypatch):
+    cfg = ray_cfg(tmp_path, "name=crash", "denoiser.steps=12", "denoiser.checkpoint_every=4", "ray.max_failures=0")
+    write_latents(cfg.paths.latents, 256)
+    monkeypatch.setenv(tr.FAULT_ENV, f"mode=raise,rank=0,step=7,marker={tmp_path / 'fired'}")
+    with pytest.raises(Exception, match="injected fault"):
+        tr.run(cfg)
+    assert common.completed_steps(cfg, "pretrain") == [4]
+    assert not storage.exists(storage.join(cfg.paths.denoiser, ckpt.MODEL_META))
+    # A worker that died mid-upload of step 8 left a directory without COMPLETE (and bad weights).
+    run = common.run_uri(cfg, "pretrain")
+    partial = os.path.join(run, common.checkpoint_dir_name(8))
+    shutil.copytree(os.path.join(run, common.checkpoint_dir_name(4)), partial)
+    os.remove(os.path.join(partial, ckpt.COMPLETE))
+    open(os.path.join(partial, "model.safetensors"), "wb").write(b"truncated")
+    monkeypatch.delenv(tr.FAULT_ENV)
+    result = tr.run(cfg)
+    assert result.step == 12
+    (resumed_step, resumed_loss), = result.resumed_from
+    probe = dict((int(s), v) for s, v in result.probe_losses)
+    assert resumed_step == 4 and sorted(probe) == [0, 4, 8, 12]
+    # The loss does not jump back: training continued from the step-4 weights, not from scratch.
+    assert resumed_loss == pytest.approx(probe[4], rel=1e-4) and resumed_loss < probe[0]
+
+
+def test_checkpoints_and_export_on_s3(ray_local, s3_bucket, tmp_path):
+    cfg = ray_cfg(tmp_path, "name=s3", "denoiser.steps=4", "denoiser.checkpoint_every=2",
+                  f"paths.checkpoints={s3_bucket}/ck", f"paths.denoiser={s3_bucket}/models/denoiser")
+    write_latents(cfg.paths.latents, 64)
+    result = tr.run(cfg)
+    assert result.step == 4 and result.run_uri == f"{s3_bucket}/ck/s3-pretrain"
+    assert common.completed_steps(cfg, "pretrain") == [2, 4]
+    marker = storage.join(result.run_uri, common.checkpoint_dir_name(4), ckpt.COMPLETE)
+    assert storage.read_bytes(marker) == b"ok\n"
+    meta = ckpt.model_meta(cfg.paths.denoiser)
+    assert meta["step"] == 4 and meta["sha256"] == result.sha256

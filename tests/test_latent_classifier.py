@@ -1,0 +1,74 @@
+"""Latent classifier: save/load round trip, timestep sampling, noisy vs clean training, the Ray stage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from histodiff.bench import guidance as toy
+from histodiff.checkpoint import export_model, load_exported
+from histodiff.diffusion.schedule import ddpm_scheduler
+from histodiff.models.latent_classifier import LatentClassifier
+from histodiff.train.latent_classifier import accuracy_at_timesteps, fit_latent_classifier, sample_timesteps
+
+
+def test_export_round_trip_gives_identical_logits(tmp_path):
+    torch.manual_seed(0)
+    for pool in ("attention", "mean"):
+        model = LatentClassifier(in_channels=3, num_classes=4, block_out_channels=(8, 16), norm_num_groups=4,
+                                 pool=pool).eval()
+        z, t = torch.randn(5, 3, 8, 8), torch.tensor([0, 10, 500, 999, 3])
+        sha = export_model(model, str(tmp_path / pool), {"kind": "latent_classifier", "classes": list("abcd")})
+        loaded, meta = load_exported(LatentClassifier, str(tmp_path / pool))
+        assert meta["sha256"] == sha and meta["classes"] == list("abcd")
+        assert loaded(z, t).shape == (5, 4)
+        torch.testing.assert_close(loaded(z, t), model(z, t))
+        torch.testing.assert_close(model(z, 7), model(z, torch.full((5,), 7)))  # scalar t broadcasts
+
+
+def test_sample_timesteps_modes():
+    g = torch.Generator().manual_seed(0)
+    assert sample_timesteps(64, "clean", 1000, None, g).eq(0).all()
+    t = sample_timesteps(4000, "noisy", 1000, None, g)
+    assert int(t.min()) == 0 and int(t.max()) == 999 and 400 < float(t.float().mean()) < 600
+    assert int(sample_timesteps(4000, "noisy", 1000, 250, g).max()) == 250
+    with pytest.raises(ValueError, match="noisy"):
+        sample_timesteps(4, "other", 1000, None, g)
+
+
+def test_noisy_mode_holds_up_at_mid_timesteps_where_clean_fails():
+    z, y = toy.toy_latents(480, seed=1)
+    zv, yv = toy.toy_latents(240, seed=2)
+    sched = ddpm_scheduler(toy.toy_schedule())
+    acc = {}
+    for mode in ("noisy", "clean"):
+        torch.manual_seed(0)
+        model = toy.toy_classifier()
+        fit_latent_classifier(model, z, y, sched, mode=mode, max_timestep=None, steps=120, batch_size=48, lr=2e-3,
+                              weight_decay=0.0, seed=0)
+        acc[mode] = accuracy_at_timesteps(model, zv, yv, sched, [0, 600], seed=0)
+    assert acc["noisy"][0] > 0.95 and acc["clean"][0] > 0.95
+    assert acc["noisy"][600] >= acc["clean"][600] + 0.15, acc
+
+
+@pytest.mark.slow
+def test_classifier_stage_trains_exports_and_skips(ray_local, tmp_path):
+    from histodiff.checkpoint import model_meta
+    from histodiff.train.latent_classifier import run
+
+    cfg = toy.write_toy_inputs(str(tmp_path))
+    cfg.classifier.steps = 40
+    cfg.classifier.checkpoint_every = 40
+    cfg.classifier.report_every = 20
+    cfg.classifier.eval_timesteps = [0, 800]
+    result = run(cfg)
+    meta = model_meta(cfg.paths.classifier)
+    ae = model_meta(cfg.paths.autoencoder)["sha256"]
+    assert meta["kind"] == "latent_classifier" and meta["mode"] == "noisy" and meta["autoencoder_sha256"] == ae
+    assert meta["classes"] == toy.TOY_CLASS_NAMES == result.classes
+    assert result.val_accuracy[0] >= 0.85  # toy classes are well separated in latent space
+    assert set(result.val_accuracy) == {0, 800}
+    model, _ = load_exported(LatentClassifier, cfg.paths.classifier)
+    assert model.config.num_classes == 3
+    again = run(cfg)
+    assert again.skipped and again.sha256 == result.sha256

@@ -1,0 +1,97 @@
+"""``histodiff submit`` against a real local Ray head (token auth) started by the test."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from histodiff import submit
+from histodiff.config import ConfigError
+
+
+def test_entrypoint_uses_the_cli_a_repo_config_and_joins_the_cluster(tmp_path):
+    command = submit.entrypoint("pretrain", "tiny", ["denoiser.steps=5", "paths.root=s3://b/x y"])
+    assert shlex.split(command) == ["python", "-m", "histodiff.cli", "run", "pretrain", "--config",
+                                    "jobs/configs/tiny.yaml", "denoiser.steps=5", "paths.root=s3://b/x y",
+                                    "ray.address=auto"]
+    sweep = shlex.split(submit.entrypoint("sweep", "paper", [], space="tuning/search_space.yaml"))
+    assert sweep[3:5] == ["sweep", "--config"] and "--space" in sweep
+    outside = tmp_path / "mine.yaml"
+    outside.write_text("name: mine\n")
+    with pytest.raises(ConfigError, match="outside"):
+        submit.entrypoint("ingest", str(outside), [])
+
+
+def test_runtime_env_ships_the_package_and_no_secret(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-never-shipped")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    env = submit.runtime_env()
+    assert env["py_modules"] == [str(submit.PACKAGE_DIR)] and env["working_dir"] == str(submit.REPO_ROOT)
+    assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "s3cr3t-never-shipped" not in repr(env) and ".venv" in env["excludes"]
+    assert "torch>=2.4" in submit.runtime_env(pip=True)["pip"]
+    assert submit.auth_headers("tok") == {"Authorization": "Bearer tok"}
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real Ray head on 127.0.0.1 with token auth and its own temp dir; yields (dashboard URL, token)."""
+    from conftest import _wait_http, free_port
+
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    port, dash = free_port(), free_port()
+    temp_dir = f"/tmp/hdsub-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--num-cpus=1", f"--temp-dir={temp_dir}", "--block", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=240)
+        yield f"http://127.0.0.1:{dash}", token
+    finally:
+        # Stop only this head: its `ray start --block` process and its process group, never `ray stop`.
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        subprocess.run(["rm", "-rf", temp_dir], check=False)
+
+
+@pytest.mark.slow
+def test_submit_runs_ingest_on_a_token_auth_cluster(ray_head, builtin_data, mlflow_server, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from histodiff.cli import main
+    from histodiff.data.shards import read_manifest
+
+    address, token = ray_head
+    experiment = f"submit-{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "out"
+    code = main(["submit", "ingest", "--address", address, "--token", token, "--config", "tiny",
+                 f"paths.root={out}", "paths.unlabeled_sources=[]", f"paths.labeled_source={builtin_data['labeled_test']}",
+                 "paths.labeled_test_source=null", f"tracking.tracking_uri={mlflow_server}",
+                 f"tracking.experiment={experiment}", "ray.num_cpus=null"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed[-3000:]
+    assert "submitted job" in printed and "SUCCEEDED" in printed
+    manifest = read_manifest(str(out / "shards" / "labeled"))
+    assert manifest.num_tiles > 0 and manifest.classes
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.data.tags["histodiff.stage"] == "ingest" and run.info.status == "FINISHED"
+
+    # A wrong token is refused by the cluster, and no job runs.
+    with pytest.raises(Exception, match="(?i)auth|401|403|forbidden"):
+        main(["submit", "ingest", "--address", address, "--token", "wrong", "--config", "tiny", "--no-wait"])

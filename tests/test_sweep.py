@@ -1,0 +1,115 @@
+"""Ray Tune sweep: do-no-harm recommendation, failing trials, MLflow nesting, resume."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import pytest
+
+from histodiff import sweep
+from histodiff.config import ConfigError, load_config
+from histodiff.sweep_report import heatmap_figure, recommend, table_csv
+
+
+def _trial(**kw):
+    base = {"guidance_scale": 1.0, "threshold": 0.5, "synthetic_ratio": 1.0, "status": "OK"}
+    base.update(kw)
+    base["key"] = sweep.point_key(base)
+    return base
+
+
+def test_grid_always_holds_no_synthetic_and_trial_paths_are_separate(tmp_path):
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "sweep.guidance_scales=[1,3]", "sweep.thresholds=[0.5,0.9]",
+                               "sweep.synthetic_ratios=[0.5,0,1]"])
+    points = sweep.search_points(cfg.sweep, cfg.evaluation.synthetic_ratio)
+    assert len(points) == 2 * 2 * 2 + 1 and points[-1] == sweep.NO_SYNTHETIC
+    keys = {sweep.point_key(p) for p in points}
+    assert len(keys) == len(points) and "no-synthetic" in keys
+    trial = sweep.trial_config(cfg, {"guidance_scale": 3.0, "threshold": 0.9, "synthetic_ratio": 0.5})
+    assert trial.synthesis.guidance_scale == 3.0 and trial.synthesis.selector.threshold == 0.9
+    assert trial.evaluation.synthetic_ratio == 0.5
+    assert trial.paths.synthetic == f"{tmp_path}/sweep/trials/s3_t0.9_r0.5/synthetic"
+    assert trial.paths.checkpoints.startswith(f"{tmp_path}/sweep/trials/s3_t0.9_r0.5/")
+    assert trial.paths.denoiser == cfg.paths.denoiser  # trials share the pretrained models
+
+
+def test_recommendation_does_no_harm_and_reports_test_gain_separately():
+    # Every setting hurts on validation: recommend no synthetic tiles, even though one helps on test.
+    harmful = [_trial(threshold=0.5, val_gain=-0.02, test_gain=0.05), _trial(threshold=0.9, val_gain=-0.01,
+                                                                             test_gain=0.01)]
+    best, val, test = recommend(harmful)
+    assert best["key"] == "no-synthetic" and val == 0.0 and test == 0.0
+    # The best on validation wins, whatever its test gain; failed trials are never chosen.
+    mixed = harmful + [_trial(threshold=0.8, val_gain=0.03, test_gain=-0.01),
+                       _trial(threshold=0.7, val_gain=0.5, test_gain=0.5, status="ERROR")]
+    best, val, test = recommend(mixed)
+    assert best["threshold"] == 0.8 and val == 0.03 and test == -0.01
+
+
+def test_table_and_heatmap_show_failed_cells():
+    trials = [_trial(guidance_scale=1.0, threshold=0.5, val_gain=0.01, test_gain=0.0),
+              _trial(guidance_scale=3.0, threshold=0.5, val_gain=None, test_gain=None, status="ERROR", error="boom"),
+              {**sweep.NO_SYNTHETIC, "key": "no-synthetic", "val_gain": 0.0, "test_gain": 0.0, "status": "OK"}]
+    csv = table_csv(trials).splitlines()
+    assert csv[0].startswith("key,guidance_scale") and csv[1].startswith("s1_t0.5_r1,") and csv[-1].endswith("boom")
+    fig = heatmap_figure(trials)
+    values = fig.axes[0].images[0].get_array()
+    assert values.shape == (1, 2) and math.isclose(float(values[0, 0]), 1.0) and bool(values.mask[0, 1])
+
+
+def test_a_bad_search_space_is_reported_with_its_file(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("guidance_scales: [1.0]\nthresholds: oops\n")
+    with pytest.raises(ConfigError, match="space.yaml"):
+        sweep.load_space(load_config("tiny"), str(space))
+
+
+@pytest.mark.slow
+def test_sweep_survives_a_failing_trial_nests_runs_and_resumes(ray_local, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", f"tracking.tracking_uri={mlflow_server}",
+                               f"tracking.experiment=sweep-{uuid.uuid4().hex[:8]}", "sweep.guidance_scales=[2.0]",
+                               "sweep.thresholds=[0.5,0.8,0.9]", "sweep.max_concurrent_trials=2"])
+    space = tmp_path / "space.yaml"
+    space.write_text("sweep:\n  synthetic_ratios: [1.0]\n")
+    cfg = sweep.load_space(cfg, str(space))
+
+    def cheap_trial(trial_cfg):  # a closure, so Ray ships it by value to the trial workers
+        threshold = trial_cfg.synthesis.selector.threshold
+        if threshold == 0.8:
+            raise RuntimeError("trial failed on purpose")
+        return {"val_gain": 0.02 if threshold == 0.9 else -0.01, "test_gain": 0.015 if threshold == 0.9 else 0.0}
+
+    result = sweep.run(cfg, trial_fn=cheap_trial)
+    assert len(result.trials) == 4 and result.num_failed == 1
+    assert result.recommended["key"] == "s2_t0.9_r1"
+    assert result.recommended_val_gain == pytest.approx(0.02) and result.recommended_test_gain == pytest.approx(0.015)
+    failed = [t for t in result.trials if t["status"] == "ERROR"]
+    assert failed[0]["threshold"] == 0.8 and "on purpose" in failed[0]["error"]
+    assert {t["key"]: t["val_gain"] for t in result.trials if t["status"] == "OK"} == {
+        "s2_t0.5_r1": -0.01, "s2_t0.9_r1": 0.02, "no-synthetic": 0.0}
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+
+    def runs():
+        return client.search_runs([exp.experiment_id])
+
+    parents = [r for r in runs() if r.data.tags.get("histodiff.stage") == "sweep"]
+    children = [r for r in runs() if r.data.tags.get("histodiff.stage") == "trial"]
+    assert len(parents) == 1 and parents[0].info.run_id == result.parent_run_id
+    assert len(children) == 4 and {c.data.tags["mlflow.parentRunId"] for c in children} == {result.parent_run_id}
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    assert all(r.info.status != "RUNNING" for r in runs())
+    arts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"heatmap.png", "results.csv", "results.json", "summary.txt", "config.yaml"} <= arts
+    assert parents[0].data.metrics["recommended_val_gain"] == pytest.approx(0.02)
+    assert all(pg["state"] == "REMOVED" for pg in ray_local.util.placement_group_table().values())
+
+    # Rerunning resumes the finished experiment: no trial runs again, the parent is reused.
+    again = sweep.run(cfg, trial_fn=cheap_trial)
+    assert again.parent_run_id == result.parent_run_id and len(again.trials) == 4
+    assert len([r for r in runs() if r.data.tags.get("histodiff.stage") == "trial"]) == 4
+    assert len([r for r in runs() if r.data.tags.get("histodiff.stage") == "sweep"]) == 1
