@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from histodiff.config import load_config
 from histodiff.augment.synthesize import run
+from histodiff.config import load_config
 from histodiff.runtime import setup_logging
 
 

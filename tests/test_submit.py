@@ -42,7 +42,10 @@ def test_runtime_env_ships_the_package_and_no_secret(monkeypatch):
 @pytest.fixture
 def ray_head(tmp_path):
     """A real Ray head on 127.0.0.1 with token auth and its own temp dir; yields (dashboard URL, token)."""
-    from conftest import _wait_http, free_port
+    import time
+    import urllib.request
+
+    from conftest import free_port
 
     token = uuid.uuid4().hex + uuid.uuid4().hex
     port, dash = free_port(), free_port()
@@ -53,7 +56,17 @@ def ray_head(tmp_path):
          f"--dashboard-port={dash}", "--num-cpus=1", f"--temp-dir={temp_dir}", "--block", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=240)
+        request = urllib.request.Request(f"http://127.0.0.1:{dash}/api/version",
+                                         headers={"Authorization": f"Bearer {token}"})
+        deadline = time.time() + 300
+        while True:  # the version endpoint answers only with the token: this also checks token auth
+            try:
+                urllib.request.urlopen(request, timeout=5)
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"the Ray head on port {dash} did not come up")
+                time.sleep(0.5)
         yield f"http://127.0.0.1:{dash}", token
     finally:
         # Stop only this head: its `ray start --block` process and its process group, never `ray stop`.
@@ -70,25 +83,26 @@ def ray_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_submit_runs_ingest_on_a_token_auth_cluster(ray_head, builtin_data, mlflow_server, tmp_path, capsys):
+def test_submit_runs_ingest_on_a_token_auth_cluster(ray_head, builtin_data, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from histodiff.cli import main
     from histodiff.data.shards import read_manifest
 
     address, token = ray_head
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"  # the job runs on this machine: a file is enough
     experiment = f"submit-{uuid.uuid4().hex[:8]}"
     out = tmp_path / "out"
     code = main(["submit", "ingest", "--address", address, "--token", token, "--config", "tiny",
                  f"paths.root={out}", "paths.unlabeled_sources=[]", f"paths.labeled_source={builtin_data['labeled_test']}",
-                 "paths.labeled_test_source=null", f"tracking.tracking_uri={mlflow_server}",
+                 "paths.labeled_test_source=null", f"tracking.tracking_uri={tracking_uri}",
                  f"tracking.experiment={experiment}", "ray.num_cpus=null"])
     printed = capsys.readouterr().out
     assert code == 0, printed[-3000:]
     assert "submitted job" in printed and "SUCCEEDED" in printed
     manifest = read_manifest(str(out / "shards" / "labeled"))
     assert manifest.num_tiles > 0 and manifest.classes
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert run.data.tags["histodiff.stage"] == "ingest" and run.info.status == "FINISHED"
 

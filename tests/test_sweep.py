@@ -82,6 +82,8 @@ def test_sweep_survives_a_failing_trial_nests_runs_and_resumes(ray_local, mlflow
             raise RuntimeError("trial failed on purpose")
         return {"val_gain": 0.02 if threshold == 0.9 else -0.01, "test_gain": 0.015 if threshold == 0.9 else 0.0}
 
+    auto = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"max_concurrent_trials": None})})
+    assert sweep.max_concurrent(auto) == 1  # 2 CPUs; each trial: 1 worker CPU + 0.5 for its driver
     result = sweep.run(cfg, trial_fn=cheap_trial)
     assert len(result.trials) == 4 and result.num_failed == 1
     assert result.recommended["key"] == "s2_t0.9_r1"

@@ -98,6 +98,8 @@ def test_synthesis_writes_shards_lineage_report_and_skips(ray_local, toy_cfg):
         row = first[0]
         local = worker.generate(synthesize._items(cfg, row["label"], 0))
         index = int(row["source"].rsplit("-", 1)[1])
-        assert shards.pixel_sha1(local["tiles"][index]) == row["sha1"]
+        ray_tile = shards.decode_png(row["image"]).astype(int)
+        # Same pixels up to float reductions that differ with the thread count of the process.
+        assert np.abs(local["tiles"][index].astype(int) - ray_tile).max() <= 1
     again = synthesize.run(cfg)
     assert again.skipped and again.accepted == result.accepted

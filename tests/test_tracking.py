@@ -180,3 +180,27 @@ def test_exported_denoiser_is_registered_as_champion_and_loads_back(mlflow_serve
     meta = registry.load_champion(big, "denoiser").predict(None)
     assert meta["sha256"] == sha2
     assert json.loads(open(os.path.join(meta["model_dir"], "histodiff.json")).read())["kind"] == "denoiser"
+
+
+@pytest.mark.gpu
+def test_champion_denoiser_loads_onto_cuda_and_runs_in_bf16(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from diffusers import UNet2DModel
+
+    from histodiff.runtime import autocast
+
+    cfg = _cfg(f"sqlite:///{tmp_path}/m.db", **{"paths.root": str(tmp_path / "out")})
+    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "UpBlock2D"))
+    checkpoint.export_model(model, cfg.paths.denoiser, {"kind": "denoiser"})
+    with tracking.stage_run(cfg, "pretrain") as tracker:
+        assert registry.register_export(cfg, tracker, "denoiser", cfg.paths.denoiser) is not None
+    unet = registry.load_champion(cfg, "denoiser").unwrap_python_model().load_torch().cuda()
+    device = torch.device("cuda")
+    x = torch.randn(4, 3, 8, 8, device=device)
+    with torch.no_grad(), autocast(device):
+        eps = unet(x, torch.full((4,), 10, device=device)).sample
+    assert eps.shape == x.shape and torch.isfinite(eps.float()).all()

@@ -313,6 +313,12 @@ def run(cfg: HistodiffConfig) -> SynthesisResult:
     lineage_uri = storage.join(cfg.paths.synthetic, LINEAGE)
     hashes = {k: metas[k]["sha256"] for k in metas}
     hashes["selector"] = ensure_selector(cfg)
+    from histodiff.augment.selection import SELECTOR_META
+
+    selector_classes = storage.read_json(storage.join(cfg.paths.selector, SELECTOR_META), cfg.storage)["classes"]
+    if selector_classes != metas["classifier"]["classes"]:
+        raise ValueError(f"the selector's classes {selector_classes} differ from the latent classifier's "
+                         f"{metas['classifier']['classes']}; retrain both on the same labeled shards")
     fingerprint = _fingerprint(cfg, hashes)
     if storage.exists(storage.join(accepted_uri, shards.MANIFEST), cfg.storage):
         done = shards.read_manifest(accepted_uri, cfg.storage)

@@ -69,6 +69,7 @@ class LatentClassifier(ModelMixin, ConfigMixin):
                     resnet_eps=1e-5,
                     resnet_act_fn="silu",
                     resnet_groups=norm_num_groups,
+                    attention_head_dim=ch,  # unused by DownBlock2D; silences a diffusers notice
                     downsample_padding=1,
                     # scale-shift norm, as the paper's UNets use
                     resnet_time_scale_shift="scale_shift",
