@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from histodiff.config import load_config
-from histodiff.train.latent_classifier import run
 from histodiff.runtime import setup_logging
+from histodiff.train.latent_classifier import run
 
 
 def main(argv: list[str] | None = None) -> None:

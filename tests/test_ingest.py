@@ -150,7 +150,8 @@ def test_ingest_labeled_from_s3_with_tracking(tmp_path, ray_local, s3_bucket, bu
         src = builtin_data[f"labeled_{split}"]
         for cls in sorted(os.listdir(src)):
             for name in sorted(os.listdir(os.path.join(src, cls)))[:6]:
-                storage.write_bytes(f"{s3_bucket}/nct/{split}/{cls}/{name}", open(os.path.join(src, cls, name), "rb").read())
+                with open(os.path.join(src, cls, name), "rb") as f:
+                    storage.write_bytes(f"{s3_bucket}/nct/{split}/{cls}/{name}", f.read())
     cfg = _cfg(tmp_path, f"paths.root={s3_bucket}/out", f"paths.labeled_source={s3_bucket}/nct/train",
                f"paths.labeled_test_source={s3_bucket}/nct/test", "tracking.enabled=true",
                f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=ingest-test")

@@ -93,7 +93,7 @@ def test_an_abandoned_run_is_ended_failed_at_exit(tmp_path):
         "cm = tracking.stage_run(cfg, 'pretrain'); t = cm.__enter__(); print(t.run_id)\n"
         "raise SystemExit(3)  # the with-block never closes: only atexit can end the run\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400)
     assert proc.returncode == 3, proc.stderr[-2000:]
     run_id = proc.stdout.strip().splitlines()[-1]
     assert _client(uri).get_run(run_id).info.status == "FAILED"

@@ -128,6 +128,9 @@ def _bench_loop(config: dict) -> None:
         tr.train_step(state, [next(batches)])
     _sync(device)
     rate = MEASURED * cfg.denoiser.batch_size * ray.train.get_context().get_world_size() / (time.perf_counter() - start)
+    if ray.train.get_context().get_world_rank() == 0:  # Result.metrics is only kept with checkpoints
+        with open(config["out"], "w") as f:
+            f.write(str(rate))
     ray.train.report({"samples_per_s": rate})
 
 
@@ -138,10 +141,13 @@ def _ray_rate(cfg: Any, shape: list[int], workers: int, threads: int, stage: str
     cfg = cfg.model_copy(deep=True)
     cfg.ray.num_workers = workers
     cfg.ray.cpus_per_worker = 0.5 if workers > 1 else 1.0  # leave Ray Data a CPU on 2 cores
-    loop_config = {"cfg": cfg.public_dict(), "shape": shape, "threads": threads}
+    out = os.path.join(cfg.paths.root, f"{stage}.rate")
+    loop_config = {"cfg": cfg.public_dict(), "shape": shape, "threads": threads, "out": out}
     trainer = common.build_trainer(cfg, _bench_loop, loop_config, stage,
                                    datasets={"train": latent_dataset(cfg.paths.latents, cfg)})
-    return float(trainer.fit().metrics["samples_per_s"])
+    trainer.fit()
+    with open(out) as f:
+        return float(f.read())
 
 
 def _tree_rss(pid: int) -> int:

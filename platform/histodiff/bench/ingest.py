@@ -87,7 +87,8 @@ def run(workdir: str, n_tiles: int = N_TILES) -> dict[str, dict]:
     try:
         if started_ray:
             ray.init(include_dashboard=False, runtime_env={"env_vars": {**ENV, "AWS_ENDPOINT_URL_S3": endpoint}})
-        cfg = load_config("tiny", [f"paths.root={workdir}", "tracking.enabled=false", f"storage.endpoint_url={endpoint}"])
+        cfg = load_config("tiny", [f"paths.root={workdir}", "tracking.enabled=false",
+                                   f"storage.endpoint_url={endpoint}"])
         storage.makedirs(f"s3://{BUCKET}", cfg.storage)
         tiles = _tiles(n_tiles)
         encoded = [shards.encode_png(t) for t in tiles]

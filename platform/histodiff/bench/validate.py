@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import platform
 from datetime import datetime, timezone
-from typing import Any
-
 from histodiff.evaluate.validate import run_validation
 
 UNITS = {
