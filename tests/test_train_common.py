@@ -142,17 +142,16 @@ def test_helpers_are_no_ops_outside_ray(tmp_path):
     assert common.restore(_local_checkpoint(tmp_path / "c", 4))[1]["step"] == 4
 
 
-def _loop(config):
-    info = common.worker_info()
-    restored = common.restore(common.latest_complete_checkpoint())
-    start = restored[1]["step"] if restored else 0
-    for step in range(start + 1, start + config["n"] + 1):
-        w = torch.full((3,), float(step * 10 + info.rank))
-        common.report({"loss": 1.0 / step}, step, {"model": {"w": w}}, {"rank": info.rank, "start": start}, config)
-
-
 @pytest.mark.slow
 def test_rank0_checkpoints_resume_past_a_partial_one(ray_local, tmp_path):
+    def _loop(config):  # nested: cloudpickle ships it by value (workers cannot import test modules)
+        info = common.worker_info()
+        restored = common.restore(common.latest_complete_checkpoint())
+        start = restored[1]["step"] if restored else 0
+        for step in range(start + 1, start + config["n"] + 1):
+            w = torch.full((3,), float(step * 10 + info.rank))
+            common.report({"loss": 1.0 / step}, step, {"model": {"w": w}}, {"rank": info.rank, "start": start}, config)
+
     cfg = load_config("tiny", [f"paths.root={tmp_path}", "name=unit", "ray.num_workers=2", "ray.cpus_per_worker=0.5",
                                "tracking.enabled=false"])
     result = common.build_trainer(cfg, _loop, {"n": 3}, "common").fit()

@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from histodiff.config import ConfigError, load_config, resolve_preset
@@ -97,8 +98,17 @@ def submit(stage: str, address: str, config: str, overrides: list[str], token: s
                     "cluster; use paths.root=s3://BUCKET/PREFIX", cfg.paths.root)
     command = entrypoint(stage, config, overrides, space)
     client = JobSubmissionClient(address, headers=auth_headers(token))
-    job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env(pip),
-                               metadata={"histodiff.stage": stage, "histodiff.name": cfg.name})
+    job_id = None
+    for attempt in range(30):  # a head that just started has no job agent yet: Ray says "try again later"
+        try:
+            job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env(pip),
+                                       metadata={"histodiff.stage": stage, "histodiff.name": cfg.name})
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or attempt == 29:
+                raise
+            log.info("the cluster has no job agent yet; retrying (%d/30)", attempt + 1)
+            time.sleep(2)
     print(f"submitted job {job_id}: {command}")
     print(f"  logs:   ray job logs {job_id} --address {address} --follow")
     print(f"  status: ray job status {job_id} --address {address}")

@@ -82,7 +82,12 @@ def _bench_loop(config: dict) -> None:
         step(next(it))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    ray.train.report({"samples_per_s": MEASURED_STEPS * batch_size / (time.perf_counter() - start)})
+    rate = MEASURED_STEPS * batch_size / (time.perf_counter() - start)
+    # Train V2's Result.metrics is None without a checkpoint: hand the figure over through storage.
+    from histodiff import storage
+
+    storage.write_json(config["out_uri"], {"samples_per_s": rate}, cfg.storage)
+    ray.train.report({"samples_per_s": rate})
 
 
 def _isolated_costs(cfg: Any, tiles_png: list[bytes], latent_shape: list[int], repeats: int = 5) -> dict[str, float]:
@@ -163,10 +168,11 @@ def run(workdir: str, preset: str = "tiny") -> dict[str, dict]:
                 ds = encode.latent_dataset(cfg.paths.latents, cfg)
             else:
                 ds = tile_dataset(cfg.paths.unlabeled_shards, cfg, augment=False, batch_size=cfg.denoiser.batch_size)
+            out_uri = storage.join(root, f"rate-{mode}.json")
             loop_config = {"cfg": cfg.public_dict(), "mode": mode, "latent_shape": meta["shape"],
-                           "scale_factor": meta["scale_factor"]}
-            trainer = common.build_trainer(cfg, _bench_loop, loop_config, f"bench-{mode}", datasets={"train": ds})
-            rates[mode] = float(trainer.fit().metrics["samples_per_s"])
+                           "scale_factor": meta["scale_factor"], "out_uri": out_uri}
+            common.build_trainer(cfg, _bench_loop, loop_config, f"bench-{mode}", datasets={"train": ds}).fit()
+            rates[mode] = float(storage.read_json(out_uri)["samples_per_s"])
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # as many threads as the Ray worker had
         try:
