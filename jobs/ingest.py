@@ -1,23 +1,11 @@
-"""Ingest tile folders / S3 prefixes into Parquet tile shards: ``python jobs/ingest.py --config tiny``."""
+"""Ingest tile folders / S3 prefixes into Parquet tile shards: ``python jobs/ingest.py --config tiny``.
 
-from __future__ import annotations
+Same as ``histodiff run ingest``: ``--config PRESET_OR_YAML`` plus dotted overrides (``key.sub=value``).
+"""
 
-import argparse
+import sys
 
-from histodiff.config import load_config
-from histodiff.data.ingest import run
-from histodiff.runtime import setup_logging
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Parse ``--config PRESET_OR_YAML`` and dotted overrides, run the ingest stage, print its result."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="tiny", help="preset name (tiny, paper) or a YAML path")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.tile_size=64")
-    args = parser.parse_args(argv)
-    setup_logging()
-    print(run(load_config(args.config, args.overrides)))
-
+from histodiff.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["run", "ingest", *sys.argv[1:]]))
