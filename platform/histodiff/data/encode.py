@@ -266,5 +266,9 @@ def latent_dataset(uri: str, cfg: HistodiffConfig, columns: tuple[str, ...] = ()
     locs = [storage.resolve(u, cfg.storage) for u in _part_uris(uri, meta)]
     ds = ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].fs, columns=["latent", *columns],
                                shuffle=FileShuffleConfig(seed=cfg.seed))
-    return ds.map_batches(_scaled_batch, batch_format="numpy", batch_size=256,
-                          fn_kwargs={"shape": meta["shape"], "scale": meta["scale_factor"]})
+    ds = ds.map_batches(_scaled_batch, batch_format="numpy", batch_size=256,
+                        fn_kwargs={"shape": meta["shape"], "scale": meta["scale_factor"]})
+    # Small caches are read once into the object store: per-epoch shard reads cost seconds of
+    # Ray Data start-up, which dominates short epochs.
+    size_mb = meta["num_latents"] * int(np.prod(meta["shape"])) * 4 / 2**20
+    return ds.materialize() if size_mb <= cfg.data.materialize_max_mb else ds

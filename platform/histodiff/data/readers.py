@@ -30,13 +30,6 @@ def decode_batch(batch: dict[str, np.ndarray], classes: list[str], augment: bool
         with Image.open(io.BytesIO(data)) as img:
             tiles.append(np.asarray(img.convert("RGB")))
     x = np.stack(tiles) if tiles else np.zeros((0, 1, 1, 3), dtype=np.uint8)
-    if augment and len(x):
-        # Ray Data's streaming order is not reproducible, so augmentation draws need no fixed
-        # seed; fresh draws per batch make every epoch see new orientations.
-        rng = np.random.default_rng(seed)
-        k = rng.integers(0, 4, size=len(x))
-        flip = rng.random(len(x)) < 0.5
-        x = np.stack([np.rot90(t[:, ::-1] if f else t, int(r)) for t, f, r in zip(x, flip, k)])
     image = (np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32) / 127.5) - 1.0
     index = {c: i for i, c in enumerate(classes)}
     labels = batch.get("label")
@@ -44,7 +37,20 @@ def decode_batch(batch: dict[str, np.ndarray], classes: list[str], augment: bool
         label_id = np.full(len(x), -1, dtype=np.int64)
     else:
         label_id = np.array([index.get(lab, -1) if lab is not None else -1 for lab in labels], dtype=np.int64)
-    return {"image": image, "label_id": label_id}
+    out = {"image": image, "label_id": label_id}
+    # Ray Data's streaming order is not reproducible, so augmentation draws take no fixed seed;
+    # fresh draws per batch give every epoch new orientations.
+    return augment_batch(out, seed) if augment and len(x) else out
+
+
+def augment_batch(batch: dict[str, np.ndarray], seed: int | None = None) -> dict[str, np.ndarray]:
+    """Return the batch with one random dihedral transform (flip, rot90) per NCHW image."""
+    x = batch["image"]
+    rng = np.random.default_rng(seed)
+    k = rng.integers(0, 4, size=len(x))
+    flip = rng.random(len(x)) < 0.5
+    out = [np.rot90(t[..., ::-1] if f else t, int(r), axes=(-2, -1)) for t, f, r in zip(x, flip, k)]
+    return {**batch, "image": np.ascontiguousarray(np.stack(out)) if out else x}
 
 
 def tile_dataset(uri: str, cfg: HistodiffConfig, augment: bool, batch_size: int = 64) -> Any:
@@ -62,9 +68,12 @@ def tile_dataset(uri: str, cfg: HistodiffConfig, augment: bool, batch_size: int 
         columns=["image", "label"],
         shuffle=FileShuffleConfig(seed=cfg.seed),
     )
-    return ds.map_batches(
-        decode_batch,
-        batch_format="numpy",
-        batch_size=batch_size,
-        fn_kwargs={"classes": manifest.classes, "augment": augment},
-    )
+    decoded_mb = manifest.num_tiles * 3 * manifest.tile_size**2 * 4 / 2**20
+    if decoded_mb > cfg.data.materialize_max_mb:
+        return ds.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size,
+                              fn_kwargs={"classes": manifest.classes, "augment": augment})
+    # Small sets: read and decode once, then only augment per epoch. Re-reading shards every
+    # epoch costs seconds of Ray Data start-up per pass, which dominates tiny epochs.
+    ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size,
+                        fn_kwargs={"classes": manifest.classes, "augment": False}).materialize()
+    return ds.map_batches(augment_batch, batch_format="numpy", batch_size=batch_size) if augment else ds
