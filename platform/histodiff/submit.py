@@ -104,10 +104,12 @@ def submit(stage: str, address: str, config: str, overrides: list[str], token: s
             job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env(pip),
                                        metadata={"histodiff.stage": stage, "histodiff.name": cfg.name})
             break
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or attempt == 29:
+        except (RuntimeError, ConnectionError, OSError) as exc:
+            # requests' ConnectionError is an OSError: a head under load may drop the upload.
+            transient = "No available agent" in str(exc) or isinstance(exc, OSError)
+            if not transient or attempt == 29:
                 raise
-            log.info("the cluster has no job agent yet; retrying (%d/30)", attempt + 1)
+            log.info("the cluster is not ready to take the job (%s); retrying (%d/30)", type(exc).__name__, attempt + 1)
             time.sleep(2)
     print(f"submitted job {job_id}: {command}")
     print(f"  logs:   ray job logs {job_id} --address {address} --follow")
