@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from PIL import Image
 
 from histodiff import storage
-from histodiff.config import ConfigError, load_config
+from histodiff.config import load_config
 from histodiff.data import ingest, shards
 from histodiff.data.builtin import tissue_image
 
@@ -182,11 +184,12 @@ def test_missing_local_path(tmp_path, no_ray):
 def test_nothing_to_ingest_and_typos(tmp_path, no_ray):
     with pytest.raises(ingest.IngestError, match="nothing to ingest"):
         ingest.run(_cfg(tmp_path))
-    spec = importlib.util.spec_from_file_location("jobs_ingest", JOBS / "ingest.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    with pytest.raises(ConfigError, match=r"data\.tile_sise: unknown key"):
-        job.main(["--config", "tiny", "data.tile_sise=32"])
+    # The job file, run as Ray would run it: a typo is one clear error, exit code 2, before Ray starts.
+    done = subprocess.run([sys.executable, str(JOBS / "ingest.py"), "--config", "tiny", "data.tile_sise=32"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert re.search(r"data\.tile_sise: unknown key", done.stderr), done.stderr[-2000:]
+    assert "starting an embedded local Ray" not in done.stderr
 
 
 def test_empty_folder_and_class_folder_without_images(tmp_path, no_ray):
