@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from histodiff.config import ConfigError, HistodiffConfig, config_from_dict, load_config, parse_overrides
@@ -10,8 +12,8 @@ from histodiff.config import ConfigError, HistodiffConfig, config_from_dict, loa
 def test_presets_load_and_derive_paths():
     tiny = load_config("tiny")
     assert tiny.data.tile_size == 32
-    assert tiny.paths.unlabeled_sources == ["outputs/builtin/unlabeled"]
-    assert tiny.paths.labeled_shards == "outputs/tiny/shards/labeled"
+    assert tiny.paths.unlabeled_sources == [os.path.abspath("outputs/builtin/unlabeled")]
+    assert tiny.paths.labeled_shards == os.path.abspath("outputs/tiny/shards/labeled")
     paper = load_config("paper")
     assert paper.data.tile_size == 256
 
@@ -19,7 +21,7 @@ def test_presets_load_and_derive_paths():
 def test_overrides_parse_yaml_values_and_win_over_the_preset():
     cfg = load_config("tiny", ["data.tile_size=48", "paths.unlabeled_sources=[a, s3://b/c]", "data.augment=false"])
     assert cfg.data.tile_size == 48
-    assert cfg.paths.unlabeled_sources == ["a", "s3://b/c"]
+    assert cfg.paths.unlabeled_sources == [os.path.abspath("a"), "s3://b/c"]  # absolute: Ray workers run elsewhere
     assert cfg.data.augment is False
     assert parse_overrides(["a.b.c=1", "a.b.d=x"]) == {"a": {"b": {"c": 1, "d": "x"}}}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,13 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _absolute(path: str) -> str:
+    """Return a local path made absolute (from the current directory); URIs are returned unchanged."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 class PathsConfig(_Strict):
@@ -72,7 +80,16 @@ class PathsConfig(_Strict):
         for key, rel in defaults.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, f"{root}/{rel}")
+        # Local paths become absolute here, on the driver: Ray workers run in other directories,
+        # so a relative path would name a different (empty) place there.
+        for key in type(self).model_fields:
+            value = getattr(self, key)
+            if isinstance(value, list):
+                object.__setattr__(self, key, [_absolute(v) for v in value])
+            elif isinstance(value, str):
+                object.__setattr__(self, key, _absolute(value))
         return self
+
 
 
 class StorageConfig(_Strict):
@@ -94,7 +111,9 @@ class RayConfig(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray")
+    num_cpus: int | None = Field(None, ge=1, description=(
+        "logical CPUs of the embedded local Ray; default: this machine's cores, and at least the training "
+        "workers' CPUs plus 2 for Ray Data's tasks"))
     max_failures: int = Field(2, ge=0)
     checkpoints_to_keep: int = Field(2, ge=1, description="Ray Train CheckpointConfig.num_to_keep")
     checkpoint_upload_mode: Literal["sync", "async"] = Field(

@@ -70,14 +70,28 @@ def init_ray(cfg: HistodiffConfig, **extra: Any) -> None:
         log.info("connecting to Ray at %s", cfg.ray.address)
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True, **extra)
         return
-    log.info("starting an embedded local Ray (num_cpus=%s)", cfg.ray.num_cpus or "all")
+    num_cpus = cfg.ray.num_cpus or local_num_cpus(cfg)
+    log.info("starting an embedded local Ray (num_cpus=%s)", num_cpus)
     ray.init(
-        num_cpus=cfg.ray.num_cpus,
+        num_cpus=num_cpus,
         include_dashboard=False,
         runtime_env=runtime_env,
         log_to_driver=True,
         **extra,
     )
+
+
+def local_num_cpus(cfg: HistodiffConfig) -> int:
+    """Return the logical CPUs of an embedded Ray: the cores, and room for the workers plus data tasks.
+
+    Ray's CPUs are scheduling slots and a training worker runs ``cpus_per_worker`` torch
+    threads. On a 2-core laptop one 2-thread worker should use both cores while Ray Data's
+    small per-epoch tasks still find a slot, so the slots may exceed the cores.
+    """
+    import math
+
+    workers = math.ceil(cfg.ray.num_workers * cfg.ray.cpus_per_worker)
+    return max(os.cpu_count() or 1, workers + 2)
 
 
 def device_for(use_gpu: bool) -> "Any":

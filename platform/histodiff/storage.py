@@ -210,6 +210,17 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
         raise _wrap(exc, uri, "read", cfg) from None
 
 
+def read_parquet(uri: str, cfg: StorageConfig | None = None, columns: list[str] | None = None) -> Any:
+    """Return one Parquet file as a ``pyarrow.Table`` (only ``columns`` when given)."""
+    import pyarrow.parquet as pq
+
+    loc = resolve(uri, cfg)
+    try:
+        return pq.read_table(loc.path, filesystem=loc.fs, columns=columns)
+    except (OSError, ValueError) as exc:
+        raise _wrap(exc, uri, "read", cfg) from None
+
+
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
     """Write a file atomically: a temporary name then a rename (local), one PUT (S3)."""
     loc = resolve(uri, cfg)

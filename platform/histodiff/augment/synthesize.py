@@ -346,5 +346,10 @@ def run(cfg: HistodiffConfig) -> SynthesisResult:
         tracker.log_metrics({"seconds": seconds, "accepted_tiles_per_s": sum(map(len, accepted.values())) / seconds})
         _log_report(tracker, report, accepted)
     log.info("synthesis: %s", {c: f"{r['accepted']}/{r['generated']}" for c, r in report.items()})
+    rejected = [c for c, r in report.items() if r["accepted"] == 0]
+    if rejected:
+        log.warning("the selector accepted no tile of class(es) %s (threshold %s): see the score histograms in %s; "
+                    "lower synthesis.selector.threshold or raise synthesis.guidance_scale", rejected,
+                    cfg.synthesis.selector.threshold, lineage_uri)
     return SynthesisResult(accepted_uri, lineage_uri, {c: r["generated"] for c, r in report.items()},
                            {c: r["accepted"] for c, r in report.items()}, seconds)

@@ -104,8 +104,7 @@ def _part_uris(uri: str, meta: dict) -> list[str]:
 
 
 def _read_part(part_uri: str, storage_cfg: StorageConfig | None, columns: list[str]) -> pa.Table:
-    loc = storage.resolve(part_uri, storage_cfg)
-    return pq.read_table(loc.path, filesystem=loc.fs, columns=columns)
+    return storage.read_parquet(part_uri, storage_cfg, columns)
 
 
 def measure_scale_factor(src_uri: str, out_uri: str, parts: list[str], batch_size: int,
@@ -256,19 +255,17 @@ def _scaled_batch(batch: dict[str, np.ndarray], shape: list[int], scale: float) 
 
 def latent_dataset(uri: str, cfg: HistodiffConfig, columns: tuple[str, ...] = ()) -> Any:
     """Return a ray.data.Dataset of cached latents: ``latent`` float32 CHW times scale_factor (+ columns)."""
-    import ray.data
-    from ray.data import FileShuffleConfig
+    from histodiff.data.readers import read_parquet_dataset, small_parquet_dataset
 
     meta = read_latents_meta(uri, cfg.storage)
     unknown = set(columns) - {"label", "sha1"}
     if unknown:
         raise ValueError(f"latent_dataset: unknown extra columns {sorted(unknown)}; choose from label, sha1")
-    locs = [storage.resolve(u, cfg.storage) for u in _part_uris(uri, meta)]
-    ds = ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].fs, columns=["latent", *columns],
-                               shuffle=FileShuffleConfig(seed=cfg.seed))
+    uris = _part_uris(uri, meta)
+    size_mb = meta["num_latents"] * int(np.prod(meta["shape"])) * 4 / 2**20
+    small = size_mb <= cfg.data.materialize_max_mb
+    ds = small_parquet_dataset(uris, cfg, ["latent", *columns]) if small else read_parquet_dataset(
+        uris, cfg, ["latent", *columns])
     ds = ds.map_batches(_scaled_batch, batch_format="numpy", batch_size=256,
                         fn_kwargs={"shape": meta["shape"], "scale": meta["scale_factor"]})
-    # Small caches are read once into the object store: per-epoch shard reads cost seconds of
-    # Ray Data start-up, which dominates short epochs.
-    size_mb = meta["num_latents"] * int(np.prod(meta["shape"])) * 4 / 2**20
-    return ds.materialize() if size_mb <= cfg.data.materialize_max_mb else ds
+    return ds.materialize() if small else ds

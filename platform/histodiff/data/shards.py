@@ -136,10 +136,7 @@ def read_manifest(uri: str, cfg: StorageConfig | None = None) -> Manifest:
 def read_table(uri: str, cfg: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
     """Return all tiles of a complete shard directory as one Arrow table."""
     manifest = read_manifest(uri, cfg)
-    tables = []
-    for shard in manifest.shard_uris():
-        loc = storage.resolve(shard, cfg)
-        tables.append(pq.read_table(loc.path, filesystem=loc.fs, columns=columns))
+    tables = [storage.read_parquet(shard, cfg, columns) for shard in manifest.shard_uris()]
     if not tables:
         return TILE_SCHEMA.empty_table() if columns is None else TILE_SCHEMA.empty_table().select(columns)
     return pa.concat_tables(tables)
@@ -159,7 +156,8 @@ def to_model_range(tiles: np.ndarray) -> "Any":
     """Return a float32 NCHW torch tensor in [-1, 1] from uint8 NHWC tiles."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float()
+    tiles = np.ascontiguousarray(tiles)
+    x = torch.from_numpy(tiles if tiles.flags.writeable else tiles.copy()).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
 
 

@@ -251,7 +251,13 @@ def load_synthetic(cfg: Any, classes: list[str]) -> tuple[np.ndarray, np.ndarray
                                 "first, or set evaluation.synthetic_ratio=0 for a baseline-only evaluation")
     manifest = read_manifest(uri, cfg.storage)
     tiles, labels = load_tiles(uri, cfg.storage)
-    check_labels(f"synthetic tiles at {uri!r}", labels, classes, require_all=True)
+    # A class the selector rejected entirely is a result, not bad input: the augmented arm adds
+    # tiles of the other classes (sample_balanced warns). Nothing accepted at all is an error.
+    check_labels(f"synthetic tiles at {uri!r}", labels, classes, require_all=False)
+    if not labels:
+        raise ValueError(f"synthetic tiles at {uri!r}: the selector accepted no tile of any class; lower "
+                         "synthesis.selector.threshold, raise synthesis.max_samples_per_class or "
+                         "synthesis.guidance_scale, or set evaluation.synthetic_ratio=0 (baseline only)")
     ids = np.array([classes.index(c) for c in labels], dtype=np.int64)
     return tiles, ids, manifest.fingerprint or str(manifest.num_tiles)
 

@@ -185,6 +185,7 @@ def _shard_batches(shard: Any, batch_size: int, device: torch.device) -> Iterato
     while True:  # one pass over this worker's shard per epoch
         seen = 0
         for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2,
+                                              local_shuffle_buffer_size=4 * batch_size,
                                               dtypes=torch.float32, device=device):
             seen += 1
             yield batch["latent"]
