@@ -50,14 +50,11 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray with 4 logical CPUs (2 cores), shared by the whole session.
-
-    As in ``runtime.local_num_cpus``: the tiny preset's 2-CPU worker leaves slots for Ray Data.
-    """
+    """A real local Ray with 2 CPUs, shared by the whole session."""
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="hdray-", dir="/tmp")
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp_dir,
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
              runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
     yield ray
     ray.shutdown()

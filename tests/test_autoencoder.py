@@ -164,7 +164,7 @@ def test_run_trains_two_workers_exports_and_skips(tmp_path, ray_local):
     write_shards(f"{root}/shards/unlabeled", smooth_tiles(48, seed=1), [None] * 48)
     write_shards(f"{root}/shards/labeled", smooth_tiles(16, seed=2), ["a", "b"] * 8)
     cfg = load_config("tiny", [
-        f"paths.root={root}", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "ray.num_workers=2",
+        f"paths.root={root}", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "ray.num_workers=2", "ray.threads_per_worker=1",
         "ray.cpus_per_worker=0.5", "autoencoder.block_out_channels=[16,32,32]", "autoencoder.norm_num_groups=8",
         "autoencoder.batch_size=8", "autoencoder.steps=4", "autoencoder.checkpoint_every=2",
         "autoencoder.report_every=2", "autoencoder.eval_tiles=8", "autoencoder.lr=1e-3"])

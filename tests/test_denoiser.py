@@ -120,7 +120,7 @@ def test_missing_or_small_latents_fail_before_ray(tmp_path):
 
 def ray_cfg(tmp_path, *extra):
     """Return a tiny 2-worker pretrain config on test latents under tmp_path."""
-    return load_config("tiny", [f"paths.root={tmp_path}", "ray.num_workers=2", "ray.cpus_per_worker=0.5",
+    return load_config("tiny", [f"paths.root={tmp_path}", "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.threads_per_worker=1",
                                 "tracking.enabled=false", "denoiser.report_every=100", *SMALL, *extra])
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from histodiff.config import load_config
 from histodiff.data import shards
-from histodiff.data.readers import decode_batch, tile_dataset
+from histodiff.data.readers import copies_per_pass, decode_batch, small_parquet_dataset, tile_dataset
 
 CLASSES = ["BACK", "STR", "TUM"]
 
@@ -61,6 +61,23 @@ def test_augment_applies_only_dihedral_transforms():
     hits = [next(i for i, d in enumerate(dihedral) if np.array_equal(img, d)) for img in out["image"]]
     assert len(set(hits)) == 8  # all eight orientations occur, nothing else does
     assert out["label_id"].tolist() == [1] * 64
+
+
+def test_small_set_is_repeated_to_fill_a_pass_in_new_orders(tmp_path, ray_local):
+    uri = str(tmp_path / "shards")
+    _write_shards(uri, 40, per_shard=7)
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "tracking.enabled=false"])
+    assert copies_per_pass(40, 1.0, 100, cfg) == 3 and copies_per_pass(40, 1.0, 30, cfg) == 1
+    cfg.data.materialize_max_mb = 2.0
+    assert copies_per_pass(40, 1.0, 1000, cfg) == 2  # bounded by the memory budget
+    rows = tile_dataset(uri, load_config("tiny", [f"paths.root={tmp_path}"]), augment=False, batch_size=16,
+                        rows_per_pass=100).take_all()
+    ids = [int(round((float(r["image"][0].min()) + 1) * 127.5)) for r in rows]
+    assert sorted(ids) == sorted(list(range(40)) * 3)  # every tile exactly once per copy
+    manifest = shards.read_manifest(uri)
+    names = [r["sha1"] for r in small_parquet_dataset(manifest.shard_uris(), cfg, ["sha1"], copies=3).take_all()]
+    copies = [names[i : i + 40] for i in (0, 40, 80)]
+    assert all(sorted(c) == sorted(copies[0]) for c in copies) and copies[1] != copies[2]  # a new order per copy
 
 
 @pytest.mark.slow

@@ -82,6 +82,16 @@ def test_raising_tau_never_lowers_precision(selector):
     assert precisions[-1] > precisions[0]
 
 
+def test_none_mode_keeps_everything_and_scores_it(selector):
+    images, target, true = check_set(60)
+    kept, score = selector.select(images, target, "none", 0.9)
+    assert bool(kept.all())  # the unfiltered control: no tile is judged away
+    _, conf_score = selector.select(images, target, "confidence", 0.9)
+    torch.testing.assert_close(score, conf_score)  # the lineage still records p(target)
+    with pytest.raises(ValueError, match="unknown selection mode 'best'"):
+        selector.select(images, target, "best", 0.9)
+
+
 def test_selector_round_trip(selector, tmp_path):
     images, _, _ = check_set(12)
     sha = export_selector(selector, str(tmp_path / "sel"), {"fingerprint": "x"})

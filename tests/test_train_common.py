@@ -123,7 +123,7 @@ def test_storage_path_is_absolute_locally_and_bucket_relative_on_s3(tmp_path, mo
 
 
 def test_build_trainer_maps_the_config(tmp_path):
-    cfg = load_config("tiny", [f"paths.root={tmp_path}", "name=unit", "ray.num_workers=2", "ray.cpus_per_worker=0.5",
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "name=unit", "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.threads_per_worker=1",
                                "ray.max_failures=3", "ray.checkpoints_to_keep=4"])
     trainer = common.build_trainer(cfg, lambda c: None, {"a": 1}, "stage")
     rc, sc = trainer.run_config, trainer.scaling_config
@@ -152,7 +152,7 @@ def test_rank0_checkpoints_resume_past_a_partial_one(ray_local, tmp_path):
             w = torch.full((3,), float(step * 10 + info.rank))
             common.report({"loss": 1.0 / step}, step, {"model": {"w": w}}, {"rank": info.rank, "start": start}, config)
 
-    cfg = load_config("tiny", [f"paths.root={tmp_path}", "name=unit", "ray.num_workers=2", "ray.cpus_per_worker=0.5",
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "name=unit", "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.threads_per_worker=1",
                                "tracking.enabled=false"])
     result = common.build_trainer(cfg, _loop, {"n": 3}, "common").fit()
     assert result.metrics["step"] == 3

@@ -111,9 +111,10 @@ class RayConfig(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    num_cpus: int | None = Field(None, ge=1, description=(
-        "logical CPUs of the embedded local Ray; default: this machine's cores, and at least the training "
-        "workers' CPUs plus 2 for Ray Data's tasks"))
+    threads_per_worker: int | None = Field(None, ge=1, description=(
+        "torch threads of each CPU training worker; default: its cpus_per_worker (Ray's OMP_NUM_THREADS). "
+        "More threads than CPUs lets one worker use a small machine's cores while Ray Data keeps a CPU"))
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray")
     max_failures: int = Field(2, ge=0)
     checkpoints_to_keep: int = Field(2, ge=1, description="Ray Train CheckpointConfig.num_to_keep")
     checkpoint_upload_mode: Literal["sync", "async"] = Field(
@@ -154,6 +155,9 @@ class DataConfig(_Strict):
     materialize_max_mb: float = Field(
         256, ge=0, description="decoded datasets up to this size are read once and kept in Ray's object store"
         " instead of re-reading shards every epoch (0: always stream)")
+    steps_per_pass: int = Field(
+        100, ge=1, description="small (materialized) training sets are repeated, each copy in a new seeded order, "
+        "until one Ray Data pass holds this many steps: every pass costs about a second of start-up")
     val_fraction: float = Field(0.2, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
     label_fraction: float | None = Field(None, gt=0, le=1)
@@ -259,7 +263,8 @@ class SelectorConfig(_Strict):
     """Auxiliary pixel-space classifier (timm) that judges each synthetic tile."""
 
     backbone: str = "resnet18"
-    mode: Literal["confidence", "centroid"] = "confidence"
+    mode: Literal["confidence", "centroid", "none"] = Field(
+        "confidence", description="none keeps every generated tile: the unfiltered control")
     threshold: float = Field(0.9, ge=0, le=1)
     max_per_class: int | None = Field(None, ge=1)
     epochs: int = Field(15, ge=1)

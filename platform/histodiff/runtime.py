@@ -70,10 +70,9 @@ def init_ray(cfg: HistodiffConfig, **extra: Any) -> None:
         log.info("connecting to Ray at %s", cfg.ray.address)
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True, **extra)
         return
-    num_cpus = cfg.ray.num_cpus or local_num_cpus(cfg)
-    log.info("starting an embedded local Ray (num_cpus=%s)", num_cpus)
+    log.info("starting an embedded local Ray (num_cpus=%s)", cfg.ray.num_cpus or "all")
     ray.init(
-        num_cpus=num_cpus,
+        num_cpus=cfg.ray.num_cpus,
         include_dashboard=False,
         runtime_env=runtime_env,
         log_to_driver=True,
@@ -81,17 +80,12 @@ def init_ray(cfg: HistodiffConfig, **extra: Any) -> None:
     )
 
 
-def local_num_cpus(cfg: HistodiffConfig) -> int:
-    """Return the logical CPUs of an embedded Ray: the cores, and room for the workers plus data tasks.
+def set_worker_threads(cfg: HistodiffConfig) -> None:
+    """Give a CPU training worker ``ray.threads_per_worker`` torch threads (Ray's default: its CPUs)."""
+    if cfg.ray.threads_per_worker and not cfg.ray.use_gpu:
+        import torch
 
-    Ray's CPUs are scheduling slots and a training worker runs ``cpus_per_worker`` torch
-    threads. On a 2-core laptop one 2-thread worker should use both cores while Ray Data's
-    small per-epoch tasks still find a slot, so the slots may exceed the cores.
-    """
-    import math
-
-    workers = math.ceil(cfg.ray.num_workers * cfg.ray.cpus_per_worker)
-    return max(os.cpu_count() or 1, workers + 2)
+        torch.set_num_threads(cfg.ray.threads_per_worker)
 
 
 def device_for(use_gpu: bool) -> "Any":

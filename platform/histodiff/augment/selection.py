@@ -1,6 +1,6 @@
 """The selective mechanism: an auxiliary pixel classifier (the selector) judges each synthetic tile.
 
-Two rules (METHOD.md "selection"):
+Two rules (METHOD.md "selection"), and ``none`` (keep everything: the unfiltered control):
 - ``confidence``: keep a tile when argmax == target and p(target) >= tau (tau is swept);
 - ``centroid``: the reference code's rule: keep a tile when its nearest class centroid in the
   selector's L2-normalised pre-logit space is the target class; rank kept tiles by distance.
@@ -108,7 +108,10 @@ class Selector:
             return confidence_rule(probs, target, threshold)
         if mode == "centroid":
             return centroid_rule(feats, target, self.centroids)
-        raise ValueError(f"unknown selection mode {mode!r}; choose 'confidence' or 'centroid'")
+        if mode == "none":  # the unfiltered control: keep every tile, still record p(target)
+            _, score = confidence_rule(probs, target, 0.0)
+            return torch.ones_like(score, dtype=torch.bool), score
+        raise ValueError(f"unknown selection mode {mode!r}; choose 'confidence', 'centroid' or 'none'")
 
 
 def train_selector(cfg: HistodiffConfig, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,

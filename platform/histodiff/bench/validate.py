@@ -16,6 +16,9 @@ UNITS = {
     "validate_unfiltered_gain_points": ("points", "below validate_gain_points: selection should matter"),
     "validate_cheap_baseline_acc": ("percent", "below validate_augmented_acc: best of pseudo-labeling, latent kNN "
                                                "and linear probe"),
+    "guidance_precision_guided": ("fraction", "above the unguided rate: guided samples (2 labels per class, before "
+                                              "selection) that an independent judge labels as their target"),
+    "guidance_precision_unguided": ("fraction", "about 0.1 (10 classes): unguided samples matching their assigned class"),
     "validate_wall_s": ("s", "< 1800 on 2 CPU cores (whole protocol, all budgets)"),
     "validate_curve": ("mixed", "per budget (2, 5, 10 labels per class): the same figures"),
 }

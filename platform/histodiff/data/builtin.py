@@ -29,7 +29,7 @@ from histodiff import storage
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 MARKER = "_builtin.json"
 CLASSES = ("BACK", "STR", "TUM")
 SOURCE_TILE = 48  # larger than the tiny preset's 32 px tile, so ingest's resize is exercised
@@ -109,16 +109,27 @@ def _encode(tile: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _pool_tiles(image: np.ndarray, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
-    """Return (file name, crop) pairs of the unlabeled pool, all from the training half."""
+def _pool_tiles(image: np.ndarray, rng: np.random.Generator,
+                anchors: list[tuple[int, int]]) -> list[tuple[str, np.ndarray]]:
+    """Return (file name, crop) pairs of the unlabeled pool, all from the training half.
+
+    A third of the crops lie anywhere; the rest are jittered around ``anchors`` (positions of
+    every tissue kind in equal numbers), so that kinds rare in this image, such as background,
+    are in the pool as they are in a slide's tiles. The pool still carries no labels.
+    """
     h, w = image.shape[:2]
     out = []
     for i in range(POOL_SIZE):
         side = int(rng.integers(40, 65))  # slight scale jitter around the 48 px source size
         aspect = float(rng.uniform(0.85, 1.15))  # non-square, so ingest's center crop is exercised
         ch, cw = side, int(round(side * aspect))
-        y = int(rng.integers(0, h - ch + 1))
-        x = int(rng.integers(SPLIT_X, w - cw + 1))
+        if i % 3 and anchors:
+            ay, ax = anchors[int(rng.integers(len(anchors)))]
+            y = int(np.clip(ay + rng.integers(-8, 9), 0, h - ch))
+            x = int(np.clip(ax + rng.integers(-8, 9), SPLIT_X, w - cw))
+        else:
+            y = int(rng.integers(0, h - ch + 1))
+            x = int(rng.integers(SPLIT_X, w - cw + 1))
         crop = image[y : y + ch, x : x + cw]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
@@ -145,8 +156,8 @@ def write_builtin_data(root: str) -> dict[str, str]:
     image = tissue_image()
     rng = np.random.default_rng(SEED)
     counts: dict[str, Any] = {}
-    for split in ("train", "test"):
-        boxes = labeled_boxes(image, split)
+    all_boxes = {split: labeled_boxes(image, split) for split in ("train", "test")}
+    for split, boxes in all_boxes.items():
         counts[split] = {}
         for label in CLASSES:
             found = boxes[label]
@@ -160,7 +171,9 @@ def write_builtin_data(root: str) -> dict[str, str]:
                 name = f"y{y:04d}_x{x:04d}.tif"
                 storage.write_bytes(storage.join(paths[f"labeled_{split}"], label, name), _encode(tile, "tif"))
             counts[split][label] = len(keep)
-    for name, crop in _pool_tiles(image, rng):
+    per_kind = min(len(v) for v in all_boxes["train"].values())
+    anchors = [v[j] for v in all_boxes["train"].values() for j in rng.choice(len(v), per_kind, replace=False)]
+    for name, crop in _pool_tiles(image, rng, anchors):
         storage.write_bytes(storage.join(paths["unlabeled"], name), _encode(crop, name.rsplit(".", 1)[1]))
     counts["unlabeled"] = POOL_SIZE
     storage.write_json(marker, {"version": VERSION, "counts": counts, "paths": paths})

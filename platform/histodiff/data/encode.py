@@ -139,6 +139,8 @@ def encode_set(src_uri: str, out_uri: str, cfg: HistodiffConfig, autoencoder_sha
     """
     import ray.data
 
+    from histodiff.data.readers import read_parquet_dataset, small_parquet_dataset
+
     from histodiff.checkpoint import model_meta
 
     manifest = shards.read_manifest(src_uri, cfg.storage)
@@ -147,11 +149,13 @@ def encode_set(src_uri: str, out_uri: str, cfg: HistodiffConfig, autoencoder_sha
     storage.delete(out_uri, cfg.storage)  # a crashed earlier attempt left parts without _latents.json
     storage.makedirs(out_uri, cfg.storage)
     ae = cfg.autoencoder
-    locs = [storage.resolve(u, cfg.storage) for u in manifest.shard_uris()]
     # Storage settings must reach the tasks and actors even where Ray started without them.
     remote = {"runtime_env": {"env_vars": worker_env(cfg)}}
-    ds = ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].fs, columns=["image", "label", "sha1"],
-                               runtime_env=remote["runtime_env"])
+    columns = ["image", "label", "sha1"]
+    if manifest.num_tiles * manifest.tile_size**2 * 3 / 2**20 <= cfg.data.materialize_max_mb:
+        ds = small_parquet_dataset(manifest.shard_uris(), cfg, columns)
+    else:
+        ds = read_parquet_dataset(manifest.shard_uris(), cfg, columns, runtime_env=remote["runtime_env"])
     ds = ds.map_batches(
         TileEncoder,
         fn_constructor_kwargs={"autoencoder_uri": cfg.paths.autoencoder, "storage_cfg": cfg.storage,
@@ -253,9 +257,12 @@ def _scaled_batch(batch: dict[str, np.ndarray], shape: list[int], scale: float) 
     return out
 
 
-def latent_dataset(uri: str, cfg: HistodiffConfig, columns: tuple[str, ...] = ()) -> Any:
-    """Return a ray.data.Dataset of cached latents: ``latent`` float32 CHW times scale_factor (+ columns)."""
-    from histodiff.data.readers import read_parquet_dataset, small_parquet_dataset
+def latent_dataset(uri: str, cfg: HistodiffConfig, columns: tuple[str, ...] = (), rows_per_pass: int = 0) -> Any:
+    """Return a ray.data.Dataset of cached latents: ``latent`` float32 CHW times scale_factor (+ columns).
+
+    Small caches are read once (repeated up to ``rows_per_pass`` rows, see ``readers.copies_per_pass``).
+    """
+    from histodiff.data.readers import copies_per_pass, read_parquet_dataset, small_parquet_dataset
 
     meta = read_latents_meta(uri, cfg.storage)
     unknown = set(columns) - {"label", "sha1"}
@@ -264,8 +271,11 @@ def latent_dataset(uri: str, cfg: HistodiffConfig, columns: tuple[str, ...] = ()
     uris = _part_uris(uri, meta)
     size_mb = meta["num_latents"] * int(np.prod(meta["shape"])) * 4 / 2**20
     small = size_mb <= cfg.data.materialize_max_mb
-    ds = small_parquet_dataset(uris, cfg, ["latent", *columns]) if small else read_parquet_dataset(
-        uris, cfg, ["latent", *columns])
+    if small:
+        copies = copies_per_pass(meta["num_latents"], size_mb, rows_per_pass, cfg)
+        ds = small_parquet_dataset(uris, cfg, ["latent", *columns], copies)
+    else:
+        ds = read_parquet_dataset(uris, cfg, ["latent", *columns])
     ds = ds.map_batches(_scaled_batch, batch_format="numpy", batch_size=256,
                         fn_kwargs={"shape": meta["shape"], "scale": meta["scale_factor"]})
     return ds.materialize() if small else ds

@@ -7,6 +7,7 @@ with ``shuffle=FileShuffleConfig(seed)`` so each epoch visits the files in a new
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import numpy as np
@@ -53,31 +54,54 @@ def augment_batch(batch: dict[str, np.ndarray], seed: int | None = None) -> dict
     return {**batch, "image": np.ascontiguousarray(np.stack(out)) if out else x}
 
 
-def read_parquet_dataset(uris: list[str], cfg: HistodiffConfig, columns: list[str]) -> Any:
-    """Return a streaming ``ray.data`` read of Parquet files, in a new file order per epoch."""
+def read_parquet_dataset(uris: list[str], cfg: HistodiffConfig, columns: list[str], **read_args: Any) -> Any:
+    """Return a streaming ``ray.data`` read of Parquet files, in a new file order per epoch.
+
+    ``read_args`` go to ``ray.data.read_parquet`` (e.g. ``runtime_env`` for the read tasks).
+    """
     import ray.data
     from ray.data import FileShuffleConfig
 
     locs = [storage.resolve(u, cfg.storage) for u in uris]
     return ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].fs, columns=columns,
-                                 shuffle=FileShuffleConfig(seed=cfg.seed))
+                                 shuffle=FileShuffleConfig(seed=cfg.seed), **read_args)
 
 
-def small_parquet_dataset(uris: list[str], cfg: HistodiffConfig, columns: list[str]) -> Any:
-    """Return a ``ray.data`` dataset of small Parquet files read here, one block per file.
+def copies_per_pass(num_rows: int, decoded_mb: float, rows_per_pass: int, cfg: HistodiffConfig) -> int:
+    """Return how many copies of a small set make one Ray Data pass of ``rows_per_pass`` rows.
+
+    A pass (an epoch of ``iter_torch_batches``) costs about a second of start-up; a few hundred
+    tiles would pay it every few steps. Copies are bounded by ``data.materialize_max_mb``.
+    """
+    if num_rows <= 0 or num_rows >= rows_per_pass:
+        return 1
+    by_memory = int(cfg.data.materialize_max_mb // max(decoded_mb, 1e-9))
+    return max(1, min(math.ceil(rows_per_pass / num_rows), by_memory))
+
+
+def small_parquet_dataset(uris: list[str], cfg: HistodiffConfig, columns: list[str], copies: int = 1) -> Any:
+    """Return a ``ray.data`` dataset of small Parquet files read here (``copies`` times over).
 
     ``read_parquet`` pays seconds of file listing and task start-up per execution, which
-    dominates a set of a few hundred tiles; reading them directly costs milliseconds. The
-    files come in a seeded random order; training shuffles rows locally on top.
+    dominates a set of a few hundred tiles; reading them directly costs milliseconds. Files
+    come in a seeded random order; each extra copy is the whole set in a new seeded row order.
     """
+    import pyarrow as pa
     import ray.data
 
-    order = np.random.default_rng(cfg.seed).permutation(len(uris))
-    return ray.data.from_arrow([storage.read_parquet(uris[i], cfg.storage, columns) for i in order])
+    rng = np.random.default_rng(cfg.seed)
+    tables = [storage.read_parquet(uris[i], cfg.storage, columns) for i in rng.permutation(len(uris))]
+    if copies <= 1:
+        return ray.data.from_arrow(tables)
+    table = pa.concat_tables(tables)
+    return ray.data.from_arrow([table.take(rng.permutation(table.num_rows)) for _ in range(copies)])
 
 
-def tile_dataset(uri: str, cfg: HistodiffConfig, augment: bool, batch_size: int = 64) -> Any:
-    """Return a ``ray.data.Dataset`` of the tiles at a shard directory (columns ``image``, ``label_id``)."""
+def tile_dataset(uri: str, cfg: HistodiffConfig, augment: bool, batch_size: int = 64, rows_per_pass: int = 0) -> Any:
+    """Return a ``ray.data.Dataset`` of the tiles at a shard directory (columns ``image``, ``label_id``).
+
+    Small sets are read once (repeated up to ``rows_per_pass`` rows, see :func:`copies_per_pass`).
+    """
     manifest = shards.read_manifest(uri, cfg.storage)
     if not manifest.shards:
         raise ValueError(f"tile shards at {uri!r} list no shard files; rerun `histodiff run ingest`")
@@ -87,9 +111,10 @@ def tile_dataset(uri: str, cfg: HistodiffConfig, augment: bool, batch_size: int 
         ds = read_parquet_dataset(uris, cfg, ["image", "label"])
         return ds.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size,
                               fn_kwargs={"classes": manifest.classes, "augment": augment})
-    # Small sets: read and decode once, then only augment per epoch. Re-reading shards every
+    # Small sets: read and decode once, then only augment per pass. Re-reading shards every
     # epoch costs seconds of Ray Data start-up per pass, which dominates tiny epochs.
-    ds = small_parquet_dataset(uris, cfg, ["image", "label"])
+    copies = copies_per_pass(manifest.num_tiles, decoded_mb, rows_per_pass, cfg)
+    ds = small_parquet_dataset(uris, cfg, ["image", "label"], copies)
     ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size,
                         fn_kwargs={"classes": manifest.classes, "augment": False}).materialize()
     return ds.map_batches(augment_batch, batch_format="numpy", batch_size=batch_size) if augment else ds

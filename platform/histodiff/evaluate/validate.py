@@ -6,8 +6,10 @@ unconditional model (autoencoder, encode, denoiser) is pretrained once on the po
 the pipeline's own stage functions (``histodiff.stages``). Then, per label budget (labels
 per class, drawn from the pool), the chain runs as a user would run it: latent classifier,
 guided synthesis + selection, and the downstream comparison over K seeds, next to
-- the unfiltered control (the same synthesis with the selection threshold at 0), and
-- the cheap baselines on the same pool: pseudo-labeling, latent kNN and linear probe.
+- the unfiltered control (the same synthesis with selection mode ``none``: every tile kept),
+- the cheap baselines on the same pool: pseudo-labeling, latent kNN and linear probe, and
+- guidance precision: an independent judge, trained on the pool's true labels (which the
+  method never sees), labels guided and unguided samples; the rate it agrees with the target.
 Accuracies are test accuracies in percent; gains are points, paired by seed, 95% t-CI.
 """
 
@@ -151,6 +153,7 @@ def run_validation(workdir: str, budgets: tuple[int, ...] = (2, 5, 10), seeds: t
         stage(name)(shared)
     encode = _autoencoder_encoder(shared)
     curve: dict[str, dict[str, Any]] = {}
+    judge = None
     for budget in sorted(budgets):
         tb = time.time()
         cfg = budget_config(workdir, budget, sizes, overrides)
@@ -158,7 +161,7 @@ def run_validation(workdir: str, budgets: tuple[int, ...] = (2, 5, 10), seeds: t
         stage("synthesize")(cfg)
         unfiltered = cfg.model_copy(deep=True)
         unfiltered.paths.synthetic = f"{cfg.paths.synthetic}-unfiltered"
-        unfiltered.synthesis.selector.threshold = 0.0
+        unfiltered.synthesis.selector.mode = "none"
         stage("synthesize")(unfiltered)
         splits = load_splits(cfg)
         n_syn = round(cfg.evaluation.synthetic_ratio * len(splits.train_y))
@@ -174,15 +177,52 @@ def run_validation(workdir: str, budgets: tuple[int, ...] = (2, 5, 10), seeds: t
                                           cfg.evaluation.pseudo_label_threshold, runner=runner)
         probes = probe_baselines(splits, encode, cfg.evaluation.knn_k, list(seeds))
         curve[str(budget)] = budget_figures(outcomes, probes, time.time() - tb)
+        if judge is None:
+            judge = train_judge(x[idx["pool"]], [CLASSES[v] for v in y[idx["pool"]]], splits, cfg)
+        unguided = unfiltered.model_copy(deep=True)
+        unguided.paths.synthetic = f"{cfg.paths.synthetic}-unguided"
+        unguided.synthesis.guidance_scale = 0.0
+        stage("synthesize")(unguided)
+        curve[str(budget)]["guidance_precision_guided"] = judged_precision(judge, unfiltered, splits.classes)
+        curve[str(budget)]["guidance_precision_unguided"] = judged_precision(judge, unguided, splits.classes)
         log.info("validation budget %d: %s", budget, curve[str(budget)])
         # Partial figures survive an interrupted run (the stages themselves resume from their outputs).
         storage.write_json(f"{root}/curve_partial.json", curve, shared.storage)
     smallest = curve[str(min(budgets))]
     out = {f"validate_{k}": smallest[k] for k in ("baseline_acc", "augmented_acc", "gain_points", "gain_ci_low",
                                                     "gain_ci_high", "unfiltered_gain_points", "cheap_baseline_acc")}
+    out["guidance_precision_guided"] = smallest["guidance_precision_guided"]
+    out["guidance_precision_unguided"] = smallest["guidance_precision_unguided"]
     out["validate_wall_s"] = time.time() - t0
     out["validate_curve"] = curve
     return out
+
+
+def train_judge(pool_x: np.ndarray, pool_labels: list[str], splits: Any, cfg: HistodiffConfig,
+                epochs: int = 3) -> Any:
+    """Return an independent classifier trained on the whole pool's true labels (the method never sees them)."""
+    import torch
+
+    from histodiff.train.backbone import fit_classifier
+
+    e = cfg.evaluation
+    ids = torch.tensor([splits.classes.index(c) for c in pool_labels])
+    fit = fit_classifier(shards.to_model_range(pool_x), ids, shards.to_model_range(splits.val_x),
+                         torch.as_tensor(splits.val_y), backbone=e.backbone, num_classes=len(splits.classes),
+                         image_size=e.image_size, epochs=epochs, lr=e.lr, weight_decay=e.weight_decay, batch_size=64,
+                         seed=cfg.seed, augment=e.augment)
+    log.info("validation judge: val balanced accuracy %.3f", fit.best_val_balanced_accuracy)
+    return fit.model
+
+
+def judged_precision(judge: Any, cfg: HistodiffConfig, classes: list[str]) -> float:
+    """Return the fraction of a synthesis run's tiles that the judge labels as their target class."""
+    from histodiff.evaluate.downstream import load_synthetic
+    from histodiff.train.backbone import predict_proba
+
+    tiles, target, _ = load_synthetic(cfg, classes)
+    pred = predict_proba(judge, shards.to_model_range(tiles), cfg.evaluation.image_size).argmax(-1).numpy()
+    return float(np.mean(pred == target))
 
 
 def _autoencoder_encoder(cfg: HistodiffConfig) -> Callable[[np.ndarray], Any]:

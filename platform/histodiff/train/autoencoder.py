@@ -25,7 +25,7 @@ from histodiff.config import AutoencoderConfig, HistodiffConfig, StorageConfig, 
 from histodiff.data import shards
 from histodiff.data.readers import tile_dataset
 from histodiff.models import autoencoder as ae_model
-from histodiff.runtime import autocast, device_for, init_ray
+from histodiff.runtime import autocast, device_for, init_ray, set_worker_threads
 from histodiff.train import common
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ def train_loop(config: dict) -> None:
     from ray.train.torch import prepare_model
 
     cfg = config_from_dict(config["cfg"])
+    set_worker_threads(cfg)
     ae = cfg.autoencoder
     info = common.worker_info()
     device = device_for(cfg.ray.use_gpu)
@@ -293,7 +294,8 @@ def run(cfg: HistodiffConfig) -> AutoencoderResult:
     init_ray(cfg)
     with tracking.stage_run(cfg, STAGE, params={"autoencoder.fingerprint": fp}) as tracker:
         loop_config = {"cfg": cfg.public_dict(), **common.tracking_loop_config(tracker)}
-        tiles = tile_dataset(cfg.paths.unlabeled_shards, cfg, augment=cfg.data.augment, batch_size=ae.batch_size)
+        tiles = tile_dataset(cfg.paths.unlabeled_shards, cfg, augment=cfg.data.augment, batch_size=ae.batch_size,
+                             rows_per_pass=cfg.data.steps_per_pass * ae.batch_size * cfg.ray.num_workers)
         trainer = common.build_trainer(cfg, train_loop, loop_config, stage, datasets={"train": tiles})
         trainer.fit()
         state, step = final_weights(cfg, stage)

@@ -27,7 +27,7 @@ from histodiff import storage, tracking
 from histodiff.config import DenoiserConfig, HistodiffConfig, config_from_dict
 from histodiff.diffusion.schedule import ddpm_scheduler
 from histodiff.models import denoiser as dn
-from histodiff.runtime import autocast, device_for, init_ray
+from histodiff.runtime import autocast, device_for, init_ray, set_worker_threads
 from histodiff.train import common
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
 
     cfg = config_from_dict(config["cfg"])
+    set_worker_threads(cfg)
     dcfg = cfg.denoiser
     info = common.worker_info()
     device = device_for(cfg.ray.use_gpu)
@@ -358,6 +359,12 @@ def _export(cfg: HistodiffConfig, meta: dict, fingerprint: str) -> tuple[str, in
     return sha, step, st
 
 
+def rows_per_pass(cfg: HistodiffConfig) -> int:
+    """Return the latents one Ray Data pass should hold: ``data.steps_per_pass`` global steps."""
+    d = cfg.denoiser
+    return cfg.data.steps_per_pass * d.batch_size * d.grad_accum * cfg.ray.num_workers
+
+
 def run(cfg: HistodiffConfig) -> PretrainResult:
     """Pretrain the denoiser on cached latents (resuming its run), export the EMA UNet; skip if done."""
     from histodiff.data.encode import latent_dataset
@@ -377,7 +384,8 @@ def run(cfg: HistodiffConfig) -> PretrainResult:
                        "autoencoder_sha256": meta.get("autoencoder_sha256"), "fingerprint": fingerprint,
                        "arch": arch, "fault_inject": fault, **common.tracking_loop_config(tracker)}
         trainer = common.build_trainer(cfg, train_loop, loop_config, STAGE,
-                                       datasets={"train": latent_dataset(cfg.paths.latents, cfg)})
+                                       datasets={"train": latent_dataset(cfg.paths.latents, cfg,
+                                                                         rows_per_pass=rows_per_pass(cfg))})
         result = trainer.fit()
         sha, step, st = _export(cfg, meta, fingerprint)
         metrics = result.metrics or {}

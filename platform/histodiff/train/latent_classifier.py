@@ -125,10 +125,11 @@ def train_loop(config: dict) -> None:
 
     from histodiff.config import config_from_dict
     from histodiff.diffusion.schedule import ddpm_scheduler
-    from histodiff.runtime import device_for
+    from histodiff.runtime import device_for, set_worker_threads
     from histodiff.train import common
 
     cfg = config_from_dict(config["cfg"])
+    set_worker_threads(cfg)
     ccfg = cfg.classifier
     info = common.worker_info()
     device = device_for(cfg.ray.use_gpu)
