@@ -88,6 +88,16 @@ def set_worker_threads(cfg: HistodiffConfig) -> None:
         torch.set_num_threads(cfg.ray.threads_per_worker)
 
 
+def prefetch_batches(device: Any) -> int:
+    """Return how many batches Ray Data should prefetch for a training worker on ``device``.
+
+    On a GPU, prefetching overlaps input with compute. On a CPU the prefetch thread competes
+    with torch's compute threads for the same cores: measured on 2 cores with 2 threads, one
+    Ray Train worker reached 0.71 of a plain loop's samples/s with prefetch and 0.90 without.
+    """
+    return 2 if getattr(device, "type", "cpu") == "cuda" else 0
+
+
 def device_for(use_gpu: bool) -> "Any":
     """Return the torch device a worker should use."""
     import torch

@@ -47,7 +47,7 @@ def _bench_loop(config: dict) -> None:
 
     from histodiff.checkpoint import load_exported
     from histodiff.config import config_from_dict
-    from histodiff.runtime import autocast, device_for
+    from histodiff.runtime import autocast, device_for, prefetch_batches
     from histodiff.train import denoiser as dn_train
 
     cfg = config_from_dict(config["cfg"])
@@ -62,7 +62,8 @@ def _bench_loop(config: dict) -> None:
 
     def batches():
         while True:
-            for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2,
+            for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                              prefetch_batches=prefetch_batches(device),
                                               dtypes=torch.float32, device=device):
                 yield b[column]
 

@@ -25,7 +25,7 @@ from histodiff.config import AutoencoderConfig, HistodiffConfig, StorageConfig, 
 from histodiff.data import shards
 from histodiff.data.readers import tile_dataset
 from histodiff.models import autoencoder as ae_model
-from histodiff.runtime import autocast, device_for, init_ray, set_worker_threads
+from histodiff.runtime import autocast, device_for, init_ray, prefetch_batches, set_worker_threads
 from histodiff.train import common
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,7 @@ def train_loop(config: dict) -> None:
     while step < ae.steps:
         seen = 0
         for batch in shard.iter_torch_batches(batch_size=ae.batch_size, drop_last=True,
+                                              prefetch_batches=prefetch_batches(device),
                                               local_shuffle_buffer_size=4 * ae.batch_size):
             metrics = train_step(parts, batch["image"].to(device, non_blocking=True), step, ae, device)
             step, seen = step + 1, seen + 1

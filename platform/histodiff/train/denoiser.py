@@ -27,7 +27,7 @@ from histodiff import storage, tracking
 from histodiff.config import DenoiserConfig, HistodiffConfig, config_from_dict
 from histodiff.diffusion.schedule import ddpm_scheduler
 from histodiff.models import denoiser as dn
-from histodiff.runtime import autocast, device_for, init_ray, set_worker_threads
+from histodiff.runtime import autocast, device_for, init_ray, prefetch_batches, set_worker_threads
 from histodiff.train import common
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,8 @@ def in_memory_batches(latents: torch.Tensor, batch_size: int, seed: int) -> Iter
 def _shard_batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
     while True:  # one pass over this worker's shard per epoch
         seen = 0
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2,
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                              prefetch_batches=prefetch_batches(device),
                                               local_shuffle_buffer_size=4 * batch_size,
                                               dtypes=torch.float32, device=device):
             seen += 1
