@@ -48,6 +48,17 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
             time.sleep(0.2)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is ~10x faster than OpenMP spinning."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray with 2 CPUs, shared by the whole session."""

@@ -20,15 +20,6 @@ from histodiff.train import autoencoder as t
 TINY = dict(block_out_channels=[16, 32, 32], norm_num_groups=8, layers_per_block=1, batch_size=8, lr=1e-3)
 
 
-@pytest.fixture
-def one_thread():
-    """Run torch single-threaded: the 2 shared cores are oversubscribed otherwise."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def smooth_tiles(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
     """Return n uint8 NHWC tiles of smooth colour fields (learnable in a few steps)."""
     g = torch.Generator().manual_seed(seed)

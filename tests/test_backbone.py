@@ -9,12 +9,7 @@ from histodiff.models.backbone import check_backbone_name, create_backbone
 from histodiff.train.backbone import fit_classifier, label_safe_augment, shift_augment
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shift_augment_translates_without_flipping():

@@ -10,12 +10,7 @@ from histodiff.evaluate.baselines import (confident_balanced, knn_predict, linea
 from tests.test_downstream import RECIPE, make_splits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_knn_votes_by_distance():

@@ -13,13 +13,7 @@ RECIPE = Recipe("test_resnet", image_size=16, epochs=2, lr=3e-3, weight_decay=0.
 CLASSES = ["dark", "light"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is ~10x faster than OpenMP spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_splits(seed: int = 0, n: int = 6, size: int = 16) -> Splits:

@@ -20,14 +20,5 @@ def ddpm_scheduler(cfg: ScheduleConfig) -> DDPMScheduler:
 
 
 def ddim_scheduler(cfg: ScheduleConfig) -> DDIMScheduler:
-    """Return a DDIM sampler over the same betas as :func:`ddpm_scheduler`."""
-    return DDIMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        beta_schedule=cfg.beta_schedule,
-        prediction_type="epsilon",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        timestep_spacing="leading",
-    )
+    """Return a DDIM sampler over the same betas as :func:`ddpm_scheduler` (diffusers' from_config)."""
+    return DDIMScheduler.from_config(ddpm_scheduler(cfg).config, set_alpha_to_one=False, timestep_spacing="leading")
