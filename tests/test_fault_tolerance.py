@@ -9,6 +9,7 @@ import pytest
 
 from histodiff import checkpoint as ckpt
 from histodiff import storage
+from histodiff.config import load_config
 from histodiff.train import common
 from histodiff.train import denoiser as tr
 from histodiff.bench.generative import write_synthetic_latents as write_latents
@@ -67,3 +68,61 @@ def test_checkpoints_and_export_on_s3(ray_local, s3_bucket, tmp_path):
     assert storage.read_bytes(marker) == b"ok\n"
     meta = ckpt.model_meta(cfg.paths.denoiser)
     assert meta["step"] == 4 and meta["sha256"] == result.sha256
+
+
+def test_killed_driver_resumes_on_rerun(tmp_path):
+    """SIGKILL the whole `histodiff run pretrain` process group after a checkpoint; the rerun resumes from it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_denoiser import SMALL
+
+    overrides = [f"paths.root={tmp_path}", "name=driver", "tracking.enabled=false", "denoiser.report_every=100",
+                 *SMALL, "denoiser.steps=40", "denoiser.checkpoint_every=8", "ray.num_cpus=2"]
+    cfg = load_config("tiny", overrides)
+    write_latents(cfg.paths.latents, 256)
+    # Its own Ray temp root: the embedded Ray it starts can be found, and cleaned up, by that path.
+    ray_tmp = f"/tmp/hdkill-{os.getpid()}"
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    cmd = [sys.executable, "-m", "histodiff.cli", "run", "pretrain", "--config", "tiny", *overrides]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not common.completed_steps(cfg, "pretrain"):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 600 s"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session, mid-run
+        proc.wait()
+    finally:
+        _kill_by_env("RAY_TMPDIR", ray_tmp)  # Ray's daemons and workers, which leave the session
+    killed_at = common.completed_steps(cfg, "pretrain")
+    assert killed_at and killed_at[-1] < 40
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    _kill_by_env("RAY_TMPDIR", ray_tmp)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert ckpt.model_meta(cfg.paths.denoiser)["step"] == 40
+    steps = common.completed_steps(cfg, "pretrain")
+    _, st = common.restore(os.path.join(common.run_uri(cfg, "pretrain"), common.checkpoint_dir_name(steps[-1])))
+    (resumed_step, resumed_loss), = st["resumed_from"]
+    probe = dict((int(s), v) for s, v in st["probe_losses"])
+    # The global step continued from a checkpoint the killed run wrote, and the loss did not jump back.
+    assert resumed_step in killed_at and resumed_step < 40
+    assert resumed_loss == pytest.approx(probe[resumed_step], rel=1e-4) and resumed_loss < probe[0]
+
+
+def _kill_by_env(name: str, value: str) -> None:
+    """SIGKILL every process whose environment has name=value (Ray renames its workers' command lines)."""
+    import signal
+
+    needle = f"{name}={value}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue

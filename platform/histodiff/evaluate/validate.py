@@ -7,7 +7,8 @@ the pipeline's own stage functions (``histodiff.stages``). Then, per label budge
 per class, drawn from the pool), the chain runs as a user would run it: latent classifier,
 guided synthesis + selection, and the downstream comparison over K seeds, next to
 - the unfiltered control (the same synthesis with selection mode ``none``: every tile kept),
-- the cheap baselines on the same pool: pseudo-labeling, latent kNN and linear probe, and
+- the cheap baselines on the same pool: pseudo-labeling (at most ``PSEUDO_PER_LABEL`` x the
+  labels per class, the most confident first), latent kNN and linear probe, and
 - guidance precision: an independent judge, trained on the pool's true labels (which the
   method never sees), labels guided and unguided samples; the rate it agrees with the target.
 Accuracies are test accuracies in percent; gains are points, paired by seed, 95% t-CI.
@@ -29,6 +30,7 @@ from histodiff.data import shards
 log = logging.getLogger(__name__)
 
 CLASSES = [str(d) for d in range(10)]
+PSEUDO_PER_LABEL = 10  # pseudo-labeling baseline: confident pool tiles kept per real label, per class
 
 
 def mnist_tiles() -> tuple[np.ndarray, np.ndarray]:
@@ -173,8 +175,11 @@ def run_validation(workdir: str, budgets: tuple[int, ...] = (2, 5, 10), seeds: t
         recipe = Recipe.from_config(cfg)
         runner = ray_runner(cfg.ray.cpus_per_worker, cfg.ray.use_gpu)
         outcomes, _ = evaluate_arms(splits, arms, recipe, list(seeds), runner)
+        # At most PSEUDO_PER_LABEL x the real labels per class: the same epochs over the whole pool
+        # would cost 100x the other arms' compute at 2 labels per class.
         outcomes += pseudo_label_outcomes(splits, x[idx["pool"]], recipe, list(seeds),
-                                          cfg.evaluation.pseudo_label_threshold, runner=runner)
+                                          cfg.evaluation.pseudo_label_threshold,
+                                          max_per_class=PSEUDO_PER_LABEL * budget, runner=runner)
         probes = probe_baselines(splits, encode, cfg.evaluation.knn_k, list(seeds))
         curve[str(budget)] = budget_figures(outcomes, probes, time.time() - tb)
         if judge is None:
