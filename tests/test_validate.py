@@ -36,7 +36,7 @@ def test_budget_config_scales_epochs_and_shares_pretraining(tmp_path):
 
 def _stub_stages(calls: list[str]):
     """Stand-ins for the generator stages: a real (untrained) autoencoder export, and 'synthesis' that
-    copies labeled pool tiles (filtered run) or the same tiles with shuffled labels (unfiltered run)."""
+    copies labeled pool tiles (filtered run) or the same tiles with shuffled labels (mode none)."""
     from histodiff import checkpoint
     from histodiff.data import shards
     from histodiff.data.splits import labeled_splits
@@ -48,7 +48,7 @@ def _stub_stages(calls: list[str]):
     def synthesize(cfg):
         tiles, ids, classes = labeled_splits(cfg)["val"]
         labels = np.array(classes)[ids]
-        if cfg.synthesis.selector.threshold == 0:
+        if cfg.synthesis.selector.mode == "none":  # unfiltered (and unguided) runs: labels are often wrong
             labels = np.random.default_rng(0).permutation(labels)
         uri = f"{cfg.paths.synthetic}/accepted"
         shards.write_table(shards.tiles_table(tiles, labels.tolist(), "synthetic", map(str, range(len(tiles)))),
@@ -59,7 +59,7 @@ def _stub_stages(calls: list[str]):
 
     def stage(name):
         def call(cfg):
-            calls.append(f"{name}:{cfg.name}:{cfg.synthesis.selector.threshold}")
+            calls.append(f"{name}:{cfg.name}:{cfg.synthesis.selector.mode}:{cfg.synthesis.guidance_scale}")
             return fns.get(name, lambda c: None)(cfg)
         return call
 
@@ -75,8 +75,9 @@ def test_run_validation_orchestrates_the_protocol(ray_local, tmp_path):
                    "autoencoder.block_out_channels=[8,8]", "autoencoder.norm_num_groups=4",
                    "evaluation.pseudo_label_threshold=0.0"])
     assert [c.split(":")[0] for c in calls] == ["autoencoder", "encode", "pretrain", "classifier", "synthesize",
-                                                "synthesize"]
-    assert calls[-2].endswith(":0.8") and calls[-1].endswith(":0.0")  # filtered, then the unfiltered control
+                                                "synthesize", "synthesize"]
+    # selected, then the unfiltered control (guided, mode none), then unguided samples for the judge
+    assert [c.split(":", 2)[2] for c in calls[-3:]] == ["confidence:3.0", "none:3.0", "none:0.0"]
     curve = out["validate_curve"]["2"]
     assert out["validate_baseline_acc"] == curve["baseline_acc"] and 0 <= curve["baseline_acc"] <= 100
     assert out["validate_gain_points"] == pytest.approx(curve["augmented_acc"] - curve["baseline_acc"])
@@ -85,3 +86,4 @@ def test_run_validation_orchestrates_the_protocol(ray_local, tmp_path):
     assert set(curve["cheap_baselines"]) == {"pseudo_label", "latent_knn", "latent_linear"}
     assert out["validate_cheap_baseline_acc"] == max(curve["cheap_baselines"].values())
     assert out["validate_wall_s"] > 0 and curve["num_seeds"] == 2
+    assert 0 <= out["guidance_precision_unguided"] <= 1 and 0 <= out["guidance_precision_guided"] <= 1
