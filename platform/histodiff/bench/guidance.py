@@ -194,6 +194,7 @@ def step_ratio(batch_size: int = 32, steps: int = 10, repeats: int = 3) -> tuple
 def run(workdir: str) -> dict[str, dict]:
     """Return the guidance benchmark: step-cost ratio, accepted tiles/s and guided vs unguided precision."""
     import os
+    import shutil
 
     import ray
 
@@ -219,7 +220,9 @@ def run(workdir: str) -> dict[str, dict]:
         zz = ddim_sample(unet, ddim_scheduler(toy_schedule()), (len(yy), *TOY_SHAPE), torch.Generator().manual_seed(7),
                          20, 1.0, cond_fn=cond)
         precision[scale] = float((toy_judge(zz) == yy).float().mean())
-    cfg = write_toy_inputs(os.path.join(workdir, "guidance-bench"), unet=unet, classifier=clf)
+    bench_dir = os.path.join(workdir, "guidance-bench")
+    shutil.rmtree(bench_dir, ignore_errors=True)  # a finished earlier run would be skipped, timing nothing
+    cfg = write_toy_inputs(bench_dir, unet=unet, classifier=clf)
     cfg.synthesis.accepted_per_class = 8
     cfg.synthesis.max_samples_per_class = 32
     cfg.synthesis.batch_size = 8
