@@ -91,7 +91,6 @@ class PathsConfig(_Strict):
         return self
 
 
-
 class StorageConfig(_Strict):
     """Object-store settings. Credentials come from the environment unless set here."""
 

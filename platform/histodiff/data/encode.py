@@ -139,9 +139,8 @@ def encode_set(src_uri: str, out_uri: str, cfg: HistodiffConfig, autoencoder_sha
     """
     import ray.data
 
-    from histodiff.data.readers import read_parquet_dataset, small_parquet_dataset
-
     from histodiff.checkpoint import model_meta
+    from histodiff.data.readers import parquet_dataset
 
     manifest = shards.read_manifest(src_uri, cfg.storage)
     if manifest.num_tiles == 0 or not manifest.shards:
@@ -151,11 +150,8 @@ def encode_set(src_uri: str, out_uri: str, cfg: HistodiffConfig, autoencoder_sha
     ae = cfg.autoencoder
     # Storage settings must reach the tasks and actors even where Ray started without them.
     remote = {"runtime_env": {"env_vars": worker_env(cfg)}}
-    columns = ["image", "label", "sha1"]
-    if manifest.num_tiles * manifest.tile_size**2 * 3 / 2**20 <= cfg.data.materialize_max_mb:
-        ds = small_parquet_dataset(manifest.shard_uris(), cfg, columns)
-    else:
-        ds = read_parquet_dataset(manifest.shard_uris(), cfg, columns, runtime_env=remote["runtime_env"])
+    ds, _ = parquet_dataset(manifest.shard_uris(), cfg, ["image", "label", "sha1"], manifest.num_tiles,
+                            manifest.num_tiles * manifest.tile_size**2 * 3 / 2**20, runtime_env=remote["runtime_env"])
     ds = ds.map_batches(
         TileEncoder,
         fn_constructor_kwargs={"autoencoder_uri": cfg.paths.autoencoder, "storage_cfg": cfg.storage,
@@ -262,20 +258,15 @@ def latent_dataset(uri: str, cfg: HistodiffConfig, columns: tuple[str, ...] = ()
 
     Small caches are read once (repeated up to ``rows_per_pass`` rows, see ``readers.copies_per_pass``).
     """
-    from histodiff.data.readers import copies_per_pass, read_parquet_dataset, small_parquet_dataset
+    from histodiff.data.readers import parquet_dataset
 
     meta = read_latents_meta(uri, cfg.storage)
     unknown = set(columns) - {"label", "sha1"}
     if unknown:
         raise ValueError(f"latent_dataset: unknown extra columns {sorted(unknown)}; choose from label, sha1")
-    uris = _part_uris(uri, meta)
     size_mb = meta["num_latents"] * int(np.prod(meta["shape"])) * 4 / 2**20
-    small = size_mb <= cfg.data.materialize_max_mb
-    if small:
-        copies = copies_per_pass(meta["num_latents"], size_mb, rows_per_pass, cfg)
-        ds = small_parquet_dataset(uris, cfg, ["latent", *columns], copies)
-    else:
-        ds = read_parquet_dataset(uris, cfg, ["latent", *columns])
+    ds, small = parquet_dataset(_part_uris(uri, meta), cfg, ["latent", *columns], meta["num_latents"], size_mb,
+                                rows_per_pass)
     ds = ds.map_batches(_scaled_batch, batch_format="numpy", batch_size=256,
                         fn_kwargs={"shape": meta["shape"], "scale": meta["scale_factor"]})
     return ds.materialize() if small else ds

@@ -1,7 +1,9 @@
 """Ray Data readers: stream tile shards into training as float32 CHW tensors in [-1, 1].
 
-Only the shards a manifest lists are read (an explicit file list, never a prefix listing),
-with ``shuffle=FileShuffleConfig(seed)`` so each epoch visits the files in a new order.
+Only the shards a manifest lists are read (an explicit file list, never a prefix listing).
+:func:`parquet_dataset` chooses the path: large sets stream through ``read_parquet`` with
+``shuffle=FileShuffleConfig(seed)`` (a new file order per epoch); small ones are read directly
+and kept in the object store.
 """
 
 from __future__ import annotations
@@ -97,6 +99,20 @@ def small_parquet_dataset(uris: list[str], cfg: HistodiffConfig, columns: list[s
     return ray.data.from_arrow([table.take(rng.permutation(table.num_rows)) for _ in range(copies)])
 
 
+def parquet_dataset(uris: list[str], cfg: HistodiffConfig, columns: list[str], num_rows: int, size_mb: float,
+                    rows_per_pass: int = 0, **read_args: Any) -> tuple[Any, bool]:
+    """Return (dataset, small): the one choice between the two read paths, by ``data.materialize_max_mb``.
+
+    Small sets (``size_mb`` at most the limit) are read directly, repeated up to ``rows_per_pass``
+    rows (:func:`copies_per_pass`); the caller materializes them after its decoding step. Larger
+    sets stream through ``read_parquet`` (``read_args`` go to it).
+    """
+    if size_mb > cfg.data.materialize_max_mb:
+        return read_parquet_dataset(uris, cfg, columns, **read_args), False
+    copies = copies_per_pass(num_rows, size_mb, rows_per_pass, cfg)
+    return small_parquet_dataset(uris, cfg, columns, copies), True
+
+
 def tile_dataset(uri: str, cfg: HistodiffConfig, augment: bool, batch_size: int = 64, rows_per_pass: int = 0) -> Any:
     """Return a ``ray.data.Dataset`` of the tiles at a shard directory (columns ``image``, ``label_id``).
 
@@ -105,16 +121,14 @@ def tile_dataset(uri: str, cfg: HistodiffConfig, augment: bool, batch_size: int 
     manifest = shards.read_manifest(uri, cfg.storage)
     if not manifest.shards:
         raise ValueError(f"tile shards at {uri!r} list no shard files; rerun `histodiff run ingest`")
-    uris = manifest.shard_uris()
     decoded_mb = manifest.num_tiles * 3 * manifest.tile_size**2 * 4 / 2**20
-    if decoded_mb > cfg.data.materialize_max_mb:
-        ds = read_parquet_dataset(uris, cfg, ["image", "label"])
+    ds, small = parquet_dataset(manifest.shard_uris(), cfg, ["image", "label"], manifest.num_tiles, decoded_mb,
+                                rows_per_pass)
+    if not small:
         return ds.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size,
                               fn_kwargs={"classes": manifest.classes, "augment": augment})
     # Small sets: read and decode once, then only augment per pass. Re-reading shards every
     # epoch costs seconds of Ray Data start-up per pass, which dominates tiny epochs.
-    copies = copies_per_pass(manifest.num_tiles, decoded_mb, rows_per_pass, cfg)
-    ds = small_parquet_dataset(uris, cfg, ["image", "label"], copies)
     ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size,
                         fn_kwargs={"classes": manifest.classes, "augment": False}).materialize()
     return ds.map_batches(augment_batch, batch_format="numpy", batch_size=batch_size) if augment else ds
