@@ -49,3 +49,17 @@ def test_fit_selects_on_validation_and_is_deterministic():
     assert a.best_epoch == scores.index(max(scores)) and a.best_val_balanced_accuracy == max(scores)
     assert scores == [h["val_balanced_accuracy"] for h in b.history]
     assert all(torch.equal(p, q) for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_steps_give_every_train_set_the_same_optimizer_steps():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 2
+    x = torch.randn(40, 3, 8, 8, generator=g)
+    kw = dict(backbone="test_resnet", num_classes=2, image_size=8, epochs=3, lr=1e-3, weight_decay=0.0,
+              batch_size=4, seed=0, augment="none")
+    by_epochs = [fit_classifier(x[:n], y[:n], x[:4], y[:4], **kw).history for n in (6, 20)]
+    assert [h[-1]["step"] for h in by_epochs] == [3 * 2, 3 * 5]  # epochs: more tiles, more steps
+    by_steps = [fit_classifier(x[:n], y[:n], x[:4], y[:4], steps=10, **kw).history for n in (6, 40)]
+    assert [[r["step"] for r in h] for h in by_steps] == [[4, 7, 10], [4, 7, 10]]  # 3 rounds, 10 steps each
+    with pytest.raises(ValueError, match="steps=2 must be at least epochs=3"):
+        fit_classifier(x, y, x, y, steps=2, **kw)

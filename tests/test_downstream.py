@@ -134,6 +134,7 @@ def test_run_on_ray_writes_table_logs_gain_and_skips_rerun(ray_local, tmp_path):
     _write_shards(str(tmp_path / "synthetic" / "accepted"), syn.train_x, names(syn.train_y))
     db = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config("tiny", [f"paths.root={tmp_path}", f"tracking.tracking_uri={db}", "evaluation.epochs=1",
+                               "evaluation.steps=3",
                                "evaluation.image_size=16", "evaluation.backbone=test_resnet", "evaluation.seeds=[0,1]", "evaluation.batch_size=8",
                                "evaluation.memorisation_pairs=2",
                                "data.labels_per_class=4", "data.val_fraction=0.34"])

@@ -88,9 +88,6 @@ def ray_head(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("HISTODIFF_TEST_SUBMIT") != "1",
-                    reason="opt-in (HISTODIFF_TEST_SUBMIT=1): passes on a quiet 2-core machine, alone and beside "
-                           "the session's Ray; not yet proven in a full CI run (it once lost its job agent under load)")
 def test_submit_runs_ingest_on_a_token_auth_cluster(ray_head, builtin_data, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -27,7 +27,10 @@ def test_budget_config_scales_epochs_and_shares_pretraining(tmp_path):
     b2 = validate.budget_config(str(tmp_path), 2, sizes, [])
     b10 = validate.budget_config(str(tmp_path), 10, sizes, ["evaluation.seeds=[7]"])
     assert b2.data.labels_per_class == 2 and b2.evaluation.augment == "shift"
-    assert b2.evaluation.epochs == 75 and b10.evaluation.epochs == 22  # ~150 steps at batch 16
+    # the same downstream steps for every arm and budget; the selector gets ~150 steps on the real labels
+    assert (b2.evaluation.steps, b2.evaluation.epochs) == (validate.EVAL_STEPS, validate.EVAL_ROUNDS)
+    assert b10.evaluation.steps == validate.EVAL_STEPS
+    assert b2.synthesis.selector.epochs == 75 and b10.synthesis.selector.epochs == 22
     assert b2.paths.denoiser == b10.paths.denoiser and b2.paths.classifier != b10.paths.classifier
     assert b2.name != b10.name  # Ray Train run names must not collide between budgets
     assert b10.evaluation.seeds == [7]
@@ -71,7 +74,7 @@ def test_run_validation_orchestrates_the_protocol(ray_local, tmp_path):
     calls: list[str] = []
     out = validate.run_validation(
         str(tmp_path), budgets=(2,), seeds=(0, 1), val_per_class=3, test_per_class=3, max_pool=300, stage=_stub_stages(calls),
-        overrides=["evaluation.backbone=test_resnet", "evaluation.epochs=1", "evaluation.image_size=16",
+        overrides=["evaluation.backbone=test_resnet", "evaluation.epochs=1", "evaluation.steps=2", "evaluation.image_size=16",
                    "autoencoder.block_out_channels=[8,8]", "autoencoder.norm_num_groups=4",
                    "evaluation.pseudo_label_threshold=0.0"])
     assert [c.split(":")[0] for c in calls] == ["autoencoder", "encode", "pretrain", "classifier", "synthesize",

@@ -290,7 +290,10 @@ class EvaluationConfig(_Strict):
 
     backbone: str = "resnet18"
     image_size: int = Field(64, ge=8)
-    epochs: int = Field(15, ge=1)
+    epochs: int = Field(15, ge=1, description="passes over each arm's train set; with steps: validation rounds")
+    steps: int | None = Field(
+        None, ge=1, description="optimizer steps per arm, the same for every arm (None: `epochs` passes, which gives "
+                                "arms with synthetic tiles more steps than the baseline and confounds the gain)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     batch_size: int = Field(32, ge=1)
@@ -299,7 +302,9 @@ class EvaluationConfig(_Strict):
     synthetic_loss_weight: float = Field(1.0, ge=0)
     augment: Literal["dihedral", "shift", "none"] = Field(
         "dihedral", description="label-safe augmentation: flips/rot90 for tissue, small shifts for digits")
-    pseudo_label_threshold: float = Field(0.9, ge=0, le=1, description="cheap baseline: keep pool tiles this confident")
+    pseudo_label_threshold: float = Field(
+        0.0, ge=0, le=1, description="cheap baseline: confidence floor for pseudo-labeled pool tiles; the most "
+                                     "confident are kept per predicted class, the same number for every class")
     knn_k: int = Field(5, ge=1, description="cheap baseline: neighbours of the latent kNN probe")
     memorisation_pairs: int = Field(16, ge=1, description="closest synthetic/real pairs shown in the grid")
     fid_extractor: Literal["baseline", "inception"] = "baseline"

@@ -57,13 +57,14 @@ class Recipe:
     augment: str = "dihedral"
     synthetic_loss_weight: float = 1.0
     use_gpu: bool = False
+    steps: int | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Recipe":
         """Return the recipe named by ``cfg.evaluation`` (and ``cfg.ray.use_gpu``)."""
         e = cfg.evaluation
         return cls(e.backbone, e.image_size, e.epochs, e.lr, e.weight_decay, e.batch_size, e.augment,
-                   e.synthetic_loss_weight, cfg.ray.use_gpu)
+                   e.synthetic_loss_weight, cfg.ray.use_gpu, e.steps)
 
 
 @dataclass
@@ -156,7 +157,7 @@ def train_and_score(arm: str, seed: int, splits: Splits, extra_x: np.ndarray, ex
         train_x, train_y, _tensors(splits.val_x), torch.from_numpy(splits.val_y.astype(np.int64)),
         backbone=recipe.backbone, num_classes=num_classes, image_size=recipe.image_size, epochs=recipe.epochs,
         lr=recipe.lr, weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, seed=seed, device=device,
-        sample_weight=weights, augment=recipe.augment,
+        sample_weight=weights, augment=recipe.augment, steps=recipe.steps,
     )
     # The test split is touched here, once, after selection is final.
     pred = predict_proba(fit.model, _tensors(splits.test_x), recipe.image_size, device=device).argmax(-1)

@@ -8,8 +8,10 @@ selection sees only ``val_x`` / ``val_y``.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +87,13 @@ def predict_proba(model: nn.Module, x: torch.Tensor, image_size: int, batch_size
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def _index_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Yield index batches forever: each pass is a new permutation, its last batch possibly short."""
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        yield from (perm[i : i + batch_size] for i in range(0, n, batch_size))
+
+
 def fit_classifier(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -102,8 +111,15 @@ def fit_classifier(
     device: torch.device | str = "cpu",
     sample_weight: torch.Tensor | None = None,
     augment: bool | str = True,
+    steps: int | None = None,
 ) -> FitResult:
-    """Train a timm classifier; return the weights with the best validation balanced accuracy."""
+    """Train a timm classifier; return the weights with the best validation balanced accuracy.
+
+    ``steps=None`` trains ``epochs`` passes over ``train_x``. With ``steps``, training takes
+    exactly that many optimizer steps whatever the size of ``train_x`` (batches drawn from
+    successive shuffled passes), and ``epochs`` is the number of evenly spaced validation
+    rounds: arms with more tiles then get no more training than arms with fewer.
+    """
     if len(train_x) == 0:
         raise ValueError("no training tiles")
     if len(val_x) == 0:
@@ -116,17 +132,20 @@ def fit_classifier(
     gen = torch.Generator().manual_seed(seed)
     model = create_backbone(backbone, num_classes, image_size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = max(1, -(-len(train_x) // batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
+    if steps is not None and steps < epochs:
+        raise ValueError(f"steps={steps} must be at least epochs={epochs} (the number of validation rounds)")
+    passes = max(1, -(-len(train_x) // batch_size))
+    rounds = [passes] * epochs if steps is None else [steps // epochs + (r < steps % epochs) for r in range(epochs)]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=sum(rounds), pct_start=0.15)
     weights = sample_weight if sample_weight is not None else torch.ones(len(train_x))
+    batches = _index_batches(len(train_x), batch_size, gen)
     best = (-1.0, -1, None)
     history = []
-    for epoch in range(epochs):
+    step = 0
+    for epoch, round_steps in enumerate(rounds):
         model.train()
-        perm = torch.randperm(len(train_x), generator=gen)
-        total = 0.0
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i : i + batch_size]
+        total, seen = 0.0, 0
+        for idx in itertools.islice(batches, round_steps):
             xb = train_x[idx]
             if mode != "none":
                 xb = AUGMENTATIONS[mode](xb, gen)
@@ -141,9 +160,11 @@ def fit_classifier(
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            step += 1
         val_pred = predict_proba(model, val_x, image_size, device=device).argmax(-1)
         val_bacc = balanced_accuracy(val_pred, val_y, num_classes)
-        history.append({"epoch": epoch, "train_loss": total / len(perm), "val_balanced_accuracy": val_bacc})
+        history.append({"epoch": epoch, "step": step, "train_loss": total / seen, "val_balanced_accuracy": val_bacc})
         if val_bacc > best[0]:
             best = (val_bacc, epoch, copy.deepcopy(model.state_dict()))
     model.load_state_dict(best[2])
