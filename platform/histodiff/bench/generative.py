@@ -137,7 +137,7 @@ def _bench_loop(config: dict) -> None:
 def _ray_rate(cfg: Any, shape: list[int], workers: int, threads: int, stage: str) -> float:
     from histodiff.data.encode import latent_dataset
     from histodiff.train import common
-    from histodiff.train.denoiser import rows_per_pass
+    from histodiff.data.readers import rows_per_pass
 
     cfg = cfg.model_copy(deep=True)
     cfg.ray.num_workers = workers
@@ -146,7 +146,7 @@ def _ray_rate(cfg: Any, shape: list[int], workers: int, threads: int, stage: str
     loop_config = {"cfg": cfg.public_dict(), "shape": shape, "threads": threads, "out": out}
     trainer = common.build_trainer(cfg, _bench_loop, loop_config, stage,
                                    datasets={"train": latent_dataset(cfg.paths.latents, cfg,
-                                                                     rows_per_pass=rows_per_pass(cfg))})
+                                                                     rows_per_pass=rows_per_pass(cfg, cfg.denoiser.batch_size))})
     trainer.fit()
     with open(out) as f:
         return float(f.read())

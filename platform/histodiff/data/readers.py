@@ -69,6 +69,11 @@ def read_parquet_dataset(uris: list[str], cfg: HistodiffConfig, columns: list[st
                                  shuffle=FileShuffleConfig(seed=cfg.seed), **read_args)
 
 
+def rows_per_pass(cfg: HistodiffConfig, batch_size: int, grad_accum: int = 1) -> int:
+    """Return the rows one Ray Data pass should hold: ``data.steps_per_pass`` global optimizer steps."""
+    return cfg.data.steps_per_pass * batch_size * grad_accum * cfg.ray.num_workers
+
+
 def copies_per_pass(num_rows: int, decoded_mb: float, rows_per_pass: int, cfg: HistodiffConfig) -> int:
     """Return how many copies of a small set make one Ray Data pass of ``rows_per_pass`` rows.
 

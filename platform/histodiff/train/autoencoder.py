@@ -23,7 +23,7 @@ from histodiff import checkpoint as ckpt
 from histodiff import storage, tracking
 from histodiff.config import AutoencoderConfig, HistodiffConfig, StorageConfig, config_from_dict
 from histodiff.data import shards
-from histodiff.data.readers import tile_dataset
+from histodiff.data.readers import rows_per_pass, tile_dataset
 from histodiff.models import autoencoder as ae_model
 from histodiff.runtime import autocast, device_for, init_ray, prefetch_batches, set_worker_threads
 from histodiff.train import common
@@ -296,7 +296,7 @@ def run(cfg: HistodiffConfig) -> AutoencoderResult:
     with tracking.stage_run(cfg, STAGE, params={"autoencoder.fingerprint": fp}) as tracker:
         loop_config = {"cfg": cfg.public_dict(), **common.tracking_loop_config(tracker)}
         tiles = tile_dataset(cfg.paths.unlabeled_shards, cfg, augment=cfg.data.augment, batch_size=ae.batch_size,
-                             rows_per_pass=cfg.data.steps_per_pass * ae.batch_size * cfg.ray.num_workers)
+                             rows_per_pass=rows_per_pass(cfg, ae.batch_size))
         trainer = common.build_trainer(cfg, train_loop, loop_config, stage, datasets={"train": tiles})
         trainer.fit()
         state, step = final_weights(cfg, stage)

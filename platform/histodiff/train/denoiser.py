@@ -360,15 +360,10 @@ def _export(cfg: HistodiffConfig, meta: dict, fingerprint: str) -> tuple[str, in
     return sha, step, st
 
 
-def rows_per_pass(cfg: HistodiffConfig) -> int:
-    """Return the latents one Ray Data pass should hold: ``data.steps_per_pass`` global steps."""
-    d = cfg.denoiser
-    return cfg.data.steps_per_pass * d.batch_size * d.grad_accum * cfg.ray.num_workers
-
-
 def run(cfg: HistodiffConfig) -> PretrainResult:
     """Pretrain the denoiser on cached latents (resuming its run), export the EMA UNet; skip if done."""
     from histodiff.data.encode import latent_dataset
+    from histodiff.data.readers import rows_per_pass
 
     meta = _check_inputs(cfg)
     fingerprint, arch = fingerprints(cfg, meta)
@@ -384,9 +379,9 @@ def run(cfg: HistodiffConfig) -> PretrainResult:
         loop_config = {"cfg": cfg.public_dict(), "latent_shape": meta["shape"], "scale_factor": meta["scale_factor"],
                        "autoencoder_sha256": meta.get("autoencoder_sha256"), "fingerprint": fingerprint,
                        "arch": arch, "fault_inject": fault, **common.tracking_loop_config(tracker)}
+        rows = rows_per_pass(cfg, cfg.denoiser.batch_size, cfg.denoiser.grad_accum)
         trainer = common.build_trainer(cfg, train_loop, loop_config, STAGE,
-                                       datasets={"train": latent_dataset(cfg.paths.latents, cfg,
-                                                                         rows_per_pass=rows_per_pass(cfg))})
+                                       datasets={"train": latent_dataset(cfg.paths.latents, cfg, rows_per_pass=rows)})
         result = trainer.fit()
         sha, step, st = _export(cfg, meta, fingerprint)
         metrics = result.metrics or {}
