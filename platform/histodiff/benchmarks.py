@@ -1,7 +1,8 @@
 """Benchmark runner: every ``histodiff.bench.<area>`` module's ``run(workdir)`` merged into one JSON.
 
-The results file is read, updated and written back (atomically), so running one area keeps
-every other area's figures. An area that fails is reported and the others still run.
+The results file is read, updated and written back (atomically) after each area, so running
+one area keeps every other area's figures and an interrupted run keeps the areas it finished.
+An area that fails is reported and the others still run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ def check_entry(key: str, value: object) -> None:
         raise ValueError(f"benchmark figure {key!r} must be a dict with value, unit, goal and measured; got {value!r}")
 
 
+def merge_into(output: str, figures: dict[str, dict]) -> None:
+    """Merge ``figures`` into the JSON file ``output`` (read, update, atomic write)."""
+    results = json.loads(Path(output).read_text()) if os.path.isfile(output) else {}
+    results.update(figures)
+    storage.write_bytes(output, (json.dumps(results, indent=2, sort_keys=True) + "\n").encode())
+
+
 def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_work") -> dict[str, dict]:
     """Run one area (or all), merge the figures into ``output``; return the figures just measured."""
     names = areas()
@@ -48,13 +56,12 @@ def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_
             figures = importlib.import_module(f"histodiff.bench.{name}").run(area_dir)
             for key, value in figures.items():
                 check_entry(key, value)
-            measured.update(figures)
         except Exception as exc:  # one broken area must not lose the others' figures
             log.error("benchmark area %s failed: %s", name, exc)
             failed.append(name)
-    results = json.loads(Path(output).read_text()) if os.path.isfile(output) else {}
-    results.update(measured)
-    storage.write_bytes(output, (json.dumps(results, indent=2, sort_keys=True) + "\n").encode())
+            continue
+        measured.update(figures)
+        merge_into(output, figures)  # after each area: an interrupted run keeps the finished areas
     if failed:
         raise RuntimeError(f"benchmark area(s) {failed} failed (see the log); the others were merged into {output}")
     return measured
