@@ -191,9 +191,19 @@ def test_run_trains_two_workers_exports_and_skips(tmp_path, ray_local):
 def test_gpu_bf16_train_step_reduces_l1():
     torch.manual_seed(0)
     device = torch.device("cuda")
-    cfg = AutoencoderConfig(**{**TINY, "disc_weight": 0.5, "disc_start_step": 10})
+    # 16 px tiles fit a 2-layer PatchGAN (3 layers need 24 px: HistodiffConfig rejects that pairing)
+    cfg = AutoencoderConfig(**{**TINY, "disc_weight": 0.5, "disc_start_step": 10, "disc_layers": 2})
     parts = t.make_parts(cfg, device)
     x = shards.to_model_range(smooth_tiles(8)).to(device)
     history = [t.train_step(parts, x, s, cfg, device) for s in range(30)]
     assert all(math.isfinite(h["total"]) for h in history) and "d_loss" in history[-1]
     assert history[9]["l1"] < 0.8 * history[0]["l1"]
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_discriminator_runs_on_the_smallest_tiles_the_config_allows(layers):
+    need = 3 * 2 ** layers  # the bound HistodiffConfig enforces
+    disc = m.build_discriminator(AutoencoderConfig(**{**TINY, "disc_layers": layers, "disc_channels": 8}))
+    assert disc(torch.zeros(1, 3, need, need)).shape[-1] >= 1
+    with pytest.raises(RuntimeError):
+        disc(torch.zeros(1, 3, need - 2 ** layers, need - 2 ** layers))

@@ -86,3 +86,9 @@ def test_config_round_trips_through_public_dict_and_fingerprints():
     assert other.fingerprint("data") != cfg.fingerprint("data")
     assert other.fingerprint("denoiser") == cfg.fingerprint("denoiser")
     assert HistodiffConfig().data.tile_size == 64  # the code default when no preset is given
+
+
+def test_a_discriminator_too_deep_for_the_tiles_is_a_config_error():
+    load_config("tiny", ["autoencoder.disc_weight=0.5"])  # 32 px tiles fit the default 3 layers
+    with pytest.raises(ConfigError, match=r"disc_layers=3 needs data.tile_size >= 24.*got 16"):
+        load_config("tiny", ["autoencoder.disc_weight=0.5", "data.tile_size=16"])

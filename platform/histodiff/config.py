@@ -347,6 +347,16 @@ class HistodiffConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
+    @model_validator(mode="after")
+    def _discriminator_fits_tiles(self) -> "HistodiffConfig":
+        ae, tile = self.autoencoder, self.data.tile_size
+        need = 3 * 2 ** ae.disc_layers  # the PatchGAN halves disc_layers times, then two 4x4 convs cut 1 px each
+        if ae.disc_weight > 0 and tile < need:
+            raise ValueError(f"autoencoder.disc_layers={ae.disc_layers} needs data.tile_size >= {need} (the "
+                             f"PatchGAN discriminator halves the tile {ae.disc_layers} times); got {tile}. "
+                             "Lower autoencoder.disc_layers or set autoencoder.disc_weight=0")
+        return self
+
     def public_dict(self) -> dict[str, Any]:
         """Return the config as plain data with every secret removed (safe to log)."""
         data = self.model_dump(mode="json")

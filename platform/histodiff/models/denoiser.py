@@ -54,7 +54,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def build_ema(model: torch.nn.Module, decay: float) -> EMAModel:
     """Return an EMA tracker of a model's parameters (diffusers EMAModel; early steps warm up)."""
-    return EMAModel(model.parameters(), decay=decay)
+    return EMAModel(model.parameters(), decay=decay, foreach=True)  # one fused update, not one per tensor
 
 
 def ema_tensors(model: torch.nn.Module, ema: EMAModel) -> dict[str, torch.Tensor]:

@@ -81,7 +81,7 @@ def make_state(dcfg: DenoiserConfig, latent_shape: list[int], device: torch.devi
         model = torch.compile(model)
     ema = dn.build_ema(unet, dcfg.ema_decay)
     ema.to(device)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=dcfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=dcfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     warmup = dcfg.warmup_steps
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     return TrainState(unet, model, ema, optimizer, lr_schedule, ddpm_scheduler(dcfg.schedule), dcfg, device,
