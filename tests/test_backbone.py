@@ -58,8 +58,19 @@ def test_steps_give_every_train_set_the_same_optimizer_steps():
     kw = dict(backbone="test_resnet", num_classes=2, image_size=8, epochs=3, lr=1e-3, weight_decay=0.0,
               batch_size=4, seed=0, augment="none")
     by_epochs = [fit_classifier(x[:n], y[:n], x[:4], y[:4], **kw).history for n in (6, 20)]
-    assert [h[-1]["step"] for h in by_epochs] == [3 * 2, 3 * 5]  # epochs: more tiles, more steps
+    assert [h[-1]["step"] for h in by_epochs] == [3 * 1, 3 * 5]  # epochs: more tiles, more (full) batches
     by_steps = [fit_classifier(x[:n], y[:n], x[:4], y[:4], steps=10, **kw).history for n in (6, 40)]
     assert [[r["step"] for r in h] for h in by_steps] == [[4, 7, 10], [4, 7, 10]]  # 3 rounds, 10 steps each
     with pytest.raises(ValueError, match="steps=2 must be at least epochs=3"):
         fit_classifier(x, y, x, y, steps=2, **kw)
+
+
+def test_no_batch_of_one_reaches_batchnorm():
+    y = torch.arange(17) % 2  # 17 = 16 + 1: a last batch of one would break BatchNorm in training
+    x = torch.randn(17, 3, 8, 8)
+    kw = dict(backbone="test_resnet", num_classes=2, image_size=8, lr=1e-3, weight_decay=0.0, batch_size=16,
+              seed=0, augment="none")
+    fit = fit_classifier(x, y, x[:4], y[:4], epochs=2, steps=6, **kw)
+    assert fit.history[-1]["step"] == 6
+    with pytest.raises(ValueError, match="BatchNorm needs at least 2"):
+        fit_classifier(x[:1], y[:1], x[:4], y[:4], epochs=1, **kw)
