@@ -150,7 +150,7 @@ class DataConfig(_Strict):
     )
     max_bad_fraction: float = Field(0.2, ge=0, le=1)
     tiles_per_shard: int = Field(512, ge=1)
-    augment: bool = True
+    augment: bool = Field(True, description="dihedral flips/rotations of unlabeled tiles for the autoencoder")
     materialize_max_mb: float = Field(
         256, ge=0, description="decoded datasets up to this size are read once and kept in Ray's object store"
         " instead of re-reading shards every epoch (0: always stream)")

@@ -122,7 +122,9 @@ def train_selector(cfg: HistodiffConfig, train_x: torch.Tensor, train_y: torch.T
     fit = fit_classifier(
         train_x, train_y, val_x, val_y, backbone=sel.backbone, num_classes=len(classes), image_size=image_size,
         epochs=sel.epochs, lr=sel.lr, weight_decay=cfg.evaluation.weight_decay, batch_size=sel.batch_size,
-        seed=cfg.seed, device=device, augment=cfg.evaluation.augment if cfg.data.augment else False,
+        # The downstream classifier's label-safe augmentation (``data.augment`` is the autoencoder's):
+        # on a few labels per class an unaugmented selector overfits.
+        seed=cfg.seed, device=device, augment=cfg.evaluation.augment,
     )
     log.info("selector %s: best val balanced accuracy %.3f at epoch %d", sel.backbone,
              fit.best_val_balanced_accuracy, fit.best_epoch)
