@@ -272,11 +272,8 @@ def guidance(s: Setup) -> dict[str, dict]:
 
 def backbone(s: Setup) -> dict[str, dict]:
     """The downstream backbone's training step as fit_classifier runs it, and the model alone."""
-    import torch.nn.functional as F
-
     from histodiff.models.backbone import create_backbone
-    from histodiff.runtime import autocast
-    from histodiff.train.backbone import AUGMENTATIONS, resize
+    from histodiff.train.backbone import AUGMENTATIONS, resize, train_step
 
     e, dev = s.cfg.evaluation, s.device
     _free(dev)
@@ -292,13 +289,7 @@ def backbone(s: Setup) -> dict[str, dict]:
         augment = AUGMENTATIONS.get(e.augment)
 
         def train_on(xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor) -> float:
-            with autocast(dev):
-                logits = model(xb)
-            loss = (F.cross_entropy(logits.float(), yb, reduction="none") * wb).sum() / wb.sum().clamp_min(1e-8)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return float(loss.detach())
+            return train_step(model, opt, xb, yb, wb)
 
         def loop_body() -> float:  # the body of fit_classifier's training loop
             idx = torch.randperm(len(pool_x), generator=gen)[:b]

@@ -87,6 +87,18 @@ def predict_proba(model: nn.Module, x: torch.Tensor, image_size: int, batch_size
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+               wb: torch.Tensor) -> float:
+    """Run one optimizer step of the sample-weighted cross-entropy (bf16 autocast on CUDA); return the loss."""
+    with autocast(xb.device):
+        logits = model(xb)
+    loss = (F.cross_entropy(logits.float(), yb, reduction="none") * wb).sum() / wb.sum().clamp_min(1e-8)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def _index_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Yield full index batches forever, each pass a new permutation (a set smaller than a batch: all of it).
 
@@ -159,14 +171,9 @@ def fit_classifier(
             xb = resize(xb.to(device), image_size)
             yb = train_y[idx].to(device)
             wb = weights[idx].to(device)
-            with autocast(device):
-                logits = model(xb)
-            loss = (F.cross_entropy(logits.float(), yb, reduction="none") * wb).sum() / wb.sum().clamp_min(1e-8)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = train_step(model, opt, xb, yb, wb)
             sched.step()
-            total += float(loss.detach()) * len(idx)
+            total += loss * len(idx)
             seen += len(idx)
             step += 1
         val_pred = predict_proba(model, val_x, image_size, device=device).argmax(-1)
