@@ -7,6 +7,7 @@ import torch
 
 from histodiff.evaluate.baselines import (confident_balanced, knn_predict, linear_probe, probe_baselines,
                                           pseudo_label_outcomes)
+from histodiff.evaluate.downstream import evaluate_arms
 from tests.test_downstream import RECIPE, make_splits
 
 
@@ -50,7 +51,10 @@ def test_pseudo_label_retrains_on_confident_pool_tiles():
     import dataclasses
 
     recipe = dataclasses.replace(RECIPE, epochs=6, batch_size=4)  # enough to separate dark from light
-    outcomes = pseudo_label_outcomes(splits, pool, recipe, seeds=[0], threshold=0.0)
-    assert outcomes[0].arm == "pseudo_label" and outcomes[0].seed == 0
-    assert outcomes[0].num_synthetic > 0 and outcomes[0].num_synthetic % 2 == 0
-    assert 0.0 <= outcomes[0].test["accuracy"] <= 1.0
+    baseline, pseudo = pseudo_label_outcomes(splits, pool, recipe, seeds=[0], threshold=0.0)
+    assert pseudo.arm == "pseudo_label" and pseudo.seed == 0
+    assert pseudo.num_synthetic > 0 and pseudo.num_synthetic % 2 == 0
+    assert 0.0 <= pseudo.test["accuracy"] <= 1.0
+    # the baseline it trained to label the pool is the paired baseline: the same as evaluate_arms' own
+    (alone,), _ = evaluate_arms(splits, {}, recipe, seeds=[0])
+    assert baseline.arm == "baseline" and baseline.test == alone.test and baseline.best_epoch == alone.best_epoch

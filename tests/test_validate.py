@@ -73,14 +73,17 @@ def _stub_stages(calls: list[str]):
 def test_run_validation_orchestrates_the_protocol(ray_local, tmp_path):
     calls: list[str] = []
     out = validate.run_validation(
-        str(tmp_path), budgets=(2,), seeds=(0, 1), val_per_class=3, test_per_class=3, max_pool=300, stage=_stub_stages(calls),
+        str(tmp_path), budgets=(2, 3), seeds=(0, 1), val_per_class=3, test_per_class=3, max_pool=300, stage=_stub_stages(calls),
         overrides=["evaluation.backbone=test_resnet", "evaluation.epochs=1", "evaluation.steps=2", "evaluation.image_size=16",
                    "autoencoder.block_out_channels=[8,8]", "autoencoder.norm_num_groups=4",
                    "evaluation.pseudo_label_threshold=0.0"])
     assert [c.split(":")[0] for c in calls] == ["autoencoder", "encode", "pretrain", "classifier", "synthesize",
-                                                "synthesize", "synthesize"]
-    # selected, then the unfiltered control (guided, mode none), then unguided samples for the judge
-    assert [c.split(":", 2)[2] for c in calls[-3:]] == ["confidence:3.0", "none:3.0", "none:0.0"]
+                                                "synthesize", "synthesize", "classifier", "synthesize", "synthesize"]
+    # selected, then the unfiltered control (guided, mode none), then unguided samples for the judge: those
+    # do not depend on the budget, so only the first budget makes them
+    assert [c.split(":", 2)[2] for c in calls[4:7]] == ["confidence:3.0", "none:3.0", "none:0.0"]
+    assert [c.split(":", 2)[2] for c in calls[8:]] == ["confidence:3.0", "none:3.0"]
+    assert out["validate_curve"]["3"]["guidance_precision_unguided"] == out["guidance_precision_unguided"]
     curve = out["validate_curve"]["2"]
     assert out["validate_baseline_acc"] == curve["baseline_acc"] and 0 <= curve["baseline_acc"] <= 100
     assert out["validate_gain_points"] == pytest.approx(curve["augmented_acc"] - curve["baseline_acc"])

@@ -102,14 +102,18 @@ def confident_balanced(probs: torch.Tensor, threshold: float, max_per_class: int
 
 
 def pseudo_label_arm(seed: int, splits: Splits, pool_x: np.ndarray, recipe: Recipe, threshold: float,
-                     max_per_class: int | None) -> ArmOutcome:
-    """Return the test outcome of retraining on real + confidently pseudo-labeled pool tiles (one seed)."""
+                     max_per_class: int | None) -> tuple[ArmOutcome, ArmOutcome]:
+    """Return the baseline's and the pseudo-labeling arm's test outcomes for one seed.
+
+    The baseline trained here to label the pool is the paired baseline itself (training is
+    deterministic per seed), so a caller need not train it a second time.
+    """
     from histodiff.models.backbone import create_backbone
     from histodiff.runtime import device_for
     from histodiff.train.backbone import predict_proba
 
     empty = (np.zeros((0, *splits.train_x.shape[1:]), np.uint8), np.zeros(0, np.int64))
-    _, state = train_and_score("baseline", seed, splits, *empty, recipe, True)
+    baseline, state = train_and_score("baseline", seed, splits, *empty, recipe, True)
     device = device_for(recipe.use_gpu)
     model = create_backbone(recipe.backbone, len(splits.classes), recipe.image_size)
     model.load_state_dict(state)
@@ -117,10 +121,11 @@ def pseudo_label_arm(seed: int, splits: Splits, pool_x: np.ndarray, recipe: Reci
     idx, labels = confident_balanced(probs, threshold, max_per_class)
     log.info("pseudo-labeling (seed %d): %d pool tiles at confidence >= %.2f", seed, len(idx), threshold)
     outcome, _ = train_and_score("pseudo_label", seed, splits, pool_x[idx], labels, recipe)
-    return outcome
+    return baseline, outcome
 
 
 def pseudo_label_outcomes(splits: Splits, pool_x: np.ndarray, recipe: Recipe, seeds: list[int], threshold: float,
                           max_per_class: int | None = None, runner: Runner = local_runner) -> list[ArmOutcome]:
-    """Return one pseudo-labeling outcome per seed (arm name ``pseudo_label``), paired with the baseline seeds."""
-    return runner(pseudo_label_arm, [(seed, splits, pool_x, recipe, threshold, max_per_class) for seed in seeds])
+    """Return per seed the baseline's outcome and the pseudo-labeling arm's (``pseudo_label``), paired by seed."""
+    pairs = runner(pseudo_label_arm, [(seed, splits, pool_x, recipe, threshold, max_per_class) for seed in seeds])
+    return [outcome for pair in pairs for outcome in pair]

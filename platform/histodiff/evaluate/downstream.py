@@ -200,15 +200,19 @@ def ray_runner(num_cpus: float, use_gpu: bool) -> Runner:
 
 def evaluate_arms(splits: Splits, arms: dict[str, tuple[np.ndarray, np.ndarray]], recipe: Recipe,
                   seeds: list[int], runner: Runner = local_runner, keep_state: tuple[str, int] | None = None,
-                  ) -> tuple[list[ArmOutcome], dict | None]:
-    """Return every (arm, seed) outcome (``arms`` maps name -> extra tiles; baseline is added) and one kept model."""
+                  baseline: bool = True) -> tuple[list[ArmOutcome], dict | None]:
+    """Return every (arm, seed) outcome (``arms`` maps name -> extra tiles) and one kept model.
+
+    The baseline arm (real tiles only) is added unless ``baseline=False``: the validation
+    benchmark takes it from the pseudo-labeling baseline, which trains it anyway.
+    """
     check_labels("real train split", [splits.classes[i] for i in splits.train_y], splits.classes, require_all=True)
     if len(splits.val_y) == 0:
         raise ValueError("the validation split is empty: model selection needs one (set data.val_fraction > 0)")
     if len(splits.test_y) == 0:
         raise ValueError("the test split is empty: give a labeled test set or set data.test_fraction > 0")
     empty = (np.zeros((0, *splits.train_x.shape[1:]), np.uint8), np.zeros(0, np.int64))
-    all_arms = {"baseline": empty, **arms}
+    all_arms = {"baseline": empty, **arms} if baseline else dict(arms)
     jobs = [(arm, seed, splits, x, y, recipe, keep_state == (arm, seed)) for arm, (x, y) in all_arms.items()
             for seed in seeds]
     results = runner(train_and_score, jobs)
