@@ -288,19 +288,17 @@ def backbone(s: Setup) -> dict[str, dict]:
         weights = torch.ones(2 * b)
         augment = AUGMENTATIONS.get(e.augment)
 
-        def train_on(xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor) -> float:
-            return train_step(model, opt, xb, yb, wb)
-
         def loop_body() -> float:  # the body of fit_classifier's training loop
             idx = torch.randperm(len(pool_x), generator=gen)[:b]
             xb = pool_x[idx]
             if augment is not None:
                 xb = augment(xb, gen)
-            return train_on(resize(xb.to(dev), e.image_size), pool_y[idx].to(dev), weights[idx].to(dev))
+            return train_step(model, opt, resize(xb.to(dev), e.image_size), pool_y[idx].to(dev),
+                              weights[idx].to(dev))
 
         full = b / _timed(loop_body, dev)
         on_dev = resize(pool_x[:b].to(dev), e.image_size), pool_y[:b].to(dev), weights[:b].to(dev)
-        model_only = b / _timed(lambda: train_on(*on_dev), dev)
+        model_only = b / _timed(lambda: train_step(model, opt, *on_dev), dev)
         return full, model_only
 
     (full, model_only), b = _halving(attempt, e.batch_size, dev)

@@ -187,7 +187,7 @@ def run_validation(workdir: str, budgets: tuple[int, ...] = (2, 5, 10), seeds: t
         # 0.9-confident, so a fixed floor kept nothing. Both submit at once, so Ray keeps every CPU busy.
         with ThreadPoolExecutor(2) as ex:
             pseudo = ex.submit(pseudo_label_outcomes, splits, x[idx["pool"]], recipe, list(seeds),
-                                 cfg.evaluation.pseudo_label_threshold, PSEUDO_PER_LABEL * budget, runner)
+                               cfg.evaluation.pseudo_label_threshold, PSEUDO_PER_LABEL * budget, runner)
             synthetic = ex.submit(evaluate_arms, splits, arms, recipe, list(seeds), runner, baseline=False)
             outcomes = pseudo.result() + synthetic.result()[0]
         probes = probe_baselines(splits, encode, cfg.evaluation.knn_k, list(seeds))
