@@ -8,8 +8,9 @@ import uuid
 import pytest
 
 from histodiff import sweep
-from histodiff.config import ConfigError, load_config
-from histodiff.sweep_report import heatmap_figure, recommend, table_csv
+from histodiff.bench import guidance as toy
+from histodiff.config import ConfigError, _merge, config_from_dict, load_config, parse_overrides
+from histodiff.sweep_report import error_kinds, heatmap_figure, recommend, summary_text, table_csv
 
 
 def _trial(**kw):
@@ -58,6 +59,37 @@ def test_table_and_heatmap_show_failed_cells():
     assert values.shape == (1, 2) and math.isclose(float(values[0, 0]), 1.0) and bool(values.mask[0, 1])
 
 
+def test_trial_resources_hold_what_a_trial_starts():
+    tiny = load_config("tiny")
+    # The driver, then one bundle per synthesis actor; evaluation tasks take turns on those bundles.
+    assert sweep.trial_bundles(tiny) == [{"CPU": 0.5}, {"CPU": 1.0}]
+    assert sweep.max_concurrent(tiny, {"CPU": 2.0}) == 1 and sweep.max_concurrent(tiny, {"CPU": 16.0}) == 10
+    paper = load_config("paper")
+    bundles = sweep.trial_bundles(paper)
+    assert len(bundles) == 1 + paper.synthesis.num_actors and bundles[1] == {"CPU": 8.0, "GPU": 1.0}
+    assert sweep.max_concurrent(paper, {"CPU": 200.0, "GPU": 16.0}) == 2  # 8 GPUs and 64.5 CPUs per trial
+    with pytest.raises(ConfigError, match="synthesis.num_actors=8"):
+        sweep.max_concurrent(paper, {"CPU": 128.0, "GPU": 4.0})
+
+
+def test_a_sweep_with_failed_trials_recommends_nothing_and_names_each_kind_of_error():
+    trials = [_trial(threshold=0.5, val_gain=0.03, test_gain=0.01),
+              _trial(threshold=0.8, status="ERROR", error="ValueError: Cannot schedule SynthesisWorker"),
+              _trial(threshold=0.9, status="ERROR", error="ValueError: Cannot schedule again"),
+              _trial(guidance_scale=3.0, status="ERROR", error="FileNotFoundError: no denoiser"),
+              {**sweep.NO_SYNTHETIC, "key": "no-synthetic", "val_gain": 0.0, "test_gain": 0.0, "status": "OK"}]
+    kinds = error_kinds(trials)
+    assert {k: v["count"] for k, v in kinds.items()} == {"ValueError": 2, "FileNotFoundError": 1}
+    assert kinds["ValueError"]["first"].endswith("SynthesisWorker")
+    result = sweep.SweepResult(trials, None, None, None, 3, "x")
+    text = summary_text(result)
+    assert "no recommendation: 3 of 5 trials failed" in text and "recommended" not in text
+    assert "2 x ValueError" in text and "1 x FileNotFoundError" in text
+    assert not result.all_synthetic_failed
+    result.trials[0]["status"] = "ERROR"
+    assert result.all_synthetic_failed
+
+
 def test_a_bad_search_space_is_reported_with_its_file(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("guidance_scales: [1.0]\nthresholds: oops\n")
@@ -86,8 +118,8 @@ def test_sweep_survives_a_failing_trial_nests_runs_and_resumes(ray_local, mlflow
     assert sweep.max_concurrent(auto) == 1  # 2 CPUs; each trial: 1 worker CPU + 0.5 for its driver
     result = sweep.run(cfg, trial_fn=cheap_trial)
     assert len(result.trials) == 4 and result.num_failed == 1
-    assert result.recommended["key"] == "s2_t0.9_r1"
-    assert result.recommended_val_gain == pytest.approx(0.02) and result.recommended_test_gain == pytest.approx(0.015)
+    # One trial failed: the sweep recommends nothing, however good the others look.
+    assert result.recommended is None and "no recommendation: 1 of 4 trials failed" in summary_text(result)
     failed = [t for t in result.trials if t["status"] == "ERROR"]
     assert failed[0]["threshold"] == 0.8 and "on purpose" in failed[0]["error"]
     assert {t["key"]: t["val_gain"] for t in result.trials if t["status"] == "OK"} == {
@@ -107,7 +139,7 @@ def test_sweep_survives_a_failing_trial_nests_runs_and_resumes(ray_local, mlflow
     assert all(r.info.status != "RUNNING" for r in runs())
     arts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"heatmap.png", "results.csv", "results.json", "summary.txt", "config.yaml"} <= arts
-    assert parents[0].data.metrics["recommended_val_gain"] == pytest.approx(0.02)
+    assert parents[0].data.metrics["num_failed"] == 1 and parents[0].data.tags["histodiff.recommended"] == "none"
     assert all(pg["state"] == "REMOVED" for pg in ray_local.util.placement_group_table().values())
 
     # Rerunning resumes the finished experiment: no trial runs again, the parent is reused.
@@ -115,3 +147,75 @@ def test_sweep_survives_a_failing_trial_nests_runs_and_resumes(ray_local, mlflow
     assert again.parent_run_id == result.parent_run_id and len(again.trials) == 4
     assert len([r for r in runs() if r.data.tags.get("histodiff.stage") == "trial"]) == 4
     assert len([r for r in runs() if r.data.tags.get("histodiff.stage") == "sweep"]) == 1
+
+
+def _toy_sweep_config(root, mlflow_server, *overrides):
+    """Return a sweep config on the toy exports (tiny models, 8 px tiles) with a real labeled test split."""
+    cfg = toy.write_toy_inputs(str(root))
+    return config_from_dict(_merge(cfg.public_dict(), parse_overrides([
+        "tracking.enabled=true", f"tracking.tracking_uri={mlflow_server}",
+        f"tracking.experiment=sweep-real-{uuid.uuid4().hex[:8]}", "data.test_fraction=0.25",
+        "evaluation.backbone=test_resnet", "evaluation.image_size=8", "evaluation.steps=6", "evaluation.epochs=2",
+        "evaluation.batch_size=4", "evaluation.seeds=[0,1]", "sweep.guidance_scales=[0.0,1.0]",
+        "sweep.thresholds=[0.0,0.2]", "sweep.synthetic_ratios=[1.0]", *overrides])))
+
+
+@pytest.mark.slow
+def test_sweep_runs_the_real_synthesis_and_evaluation_in_every_trial(ray_local, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = _toy_sweep_config(tmp_path / "toy", mlflow_server)
+    result = sweep.run(cfg)  # the real trial function: synthesis actors and evaluation tasks inside each trial
+    assert [t["status"] for t in result.trials] == ["OK"] * 5, [t["error"] for t in result.trials]
+    assert result.num_failed == 0 and result.recommended is not None
+    grid = [t for t in result.trials if t["synthetic_ratio"]]
+    assert len(grid) == 4 and all(math.isfinite(t["val_gain"]) and math.isfinite(t["test_gain"]) for t in grid)
+    # Each trial wrote its own synthetic tiles and evaluation.
+    from histodiff import storage
+
+    for t in grid:
+        trial_root = storage.join(cfg.paths.sweep, "trials", t["key"])
+        assert storage.exists(storage.join(trial_root, "synthetic", "accepted", "_manifest.json"))
+        assert storage.exists(storage.join(trial_root, "evaluation", "evaluation.json"))
+    values = heatmap_figure(result.trials).axes[0].images[0].get_array()
+    assert values.shape == (2, 2) and not values.mask.any()  # four numbers, no "failed" cell
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    by_stage: dict[str, list] = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags.get("histodiff.stage"), []).append(r)
+    assert len(by_stage["sweep"]) == 1 and len(by_stage["trial"]) == 5
+    # The selector is shared (trained before the trials); each synthetic trial runs synthesize and evaluate.
+    assert len(by_stage["synthesize"]) == 4 and len(by_stage["evaluate"]) == 4
+    trial_ids = {r.info.run_id for r in by_stage["trial"]}
+    assert {r.data.tags["mlflow.parentRunId"] for r in by_stage["synthesize"] + by_stage["evaluate"]} <= trial_ids
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert all(pg["state"] == "REMOVED" for pg in ray_local.util.placement_group_table().values())
+
+    again = sweep.run(cfg)  # resumes the finished experiment: no new trial
+    assert again.parent_run_id == result.parent_run_id and len(again.trials) == 5
+    assert len(client.search_runs([exp.experiment_id])) == len(runs)
+
+
+@pytest.mark.slow
+def test_sweep_command_exits_non_zero_when_every_synthetic_trial_failed(ray_local, mlflow_server, tmp_path,
+                                                                         monkeypatch, capsys):
+    from histodiff import cli
+
+    cfg = _toy_sweep_config(tmp_path / "toy", mlflow_server, "sweep.guidance_scales=[1.0]")
+    preset = tmp_path / "toy.yaml"
+    import yaml
+
+    preset.write_text(yaml.safe_dump(cfg.public_dict()))
+
+    def broken_trial(trial_cfg):  # a closure: Ray ships it by value into the trials
+        raise RuntimeError(f"synthesis broke at threshold {trial_cfg.synthesis.selector.threshold}")
+
+    monkeypatch.setattr(sweep, "synthesize_and_evaluate", broken_trial)
+    code = cli.main(["sweep", "--config", str(preset)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "no recommendation: 2 of 3 trials failed" in out and "recommended" not in out
+    assert "2 x RuntimeError" in out and "synthesis broke" in out

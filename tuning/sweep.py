@@ -1,28 +1,11 @@
-"""Ray job entrypoint for the sweep: ``python tuning/sweep.py --config tiny [--space FILE] [k=v ...]``."""
+"""Ray job entrypoint for the sweep: ``python tuning/sweep.py --config tiny [--space FILE] [k=v ...]``.
 
-from __future__ import annotations
+Same as ``histodiff sweep``: ``--config PRESET_OR_YAML``, ``--space SEARCH_SPACE_YAML`` and dotted overrides.
+"""
 
-import argparse
+import sys
 
-from histodiff import sweep
-from histodiff.config import load_config
-from histodiff.runtime import setup_logging
-from histodiff.sweep_report import summary_text
-
-
-def main() -> None:
-    """Parse arguments, run the sweep, print the recommendation."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="tiny", help="preset name or YAML path")
-    parser.add_argument("--space", default=None, help="search-space YAML (overrides the sweep section)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sweep.thresholds=[0.5,0.9]")
-    args = parser.parse_args()
-    setup_logging()
-    cfg = load_config(args.config, args.overrides)
-    if args.space:
-        cfg = sweep.load_space(cfg, args.space)
-    print(summary_text(sweep.run(cfg)))
-
+from histodiff.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["sweep", *sys.argv[1:]]))

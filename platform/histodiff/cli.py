@@ -106,7 +106,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(summary_text(result))
     print(f"results: {result.artifacts.get('results.csv')}  heatmap: {result.artifacts.get('heatmap.png')}")
     print(mlflow_hint(cfg, result.parent_run_id).replace("/pipeline", "/sweep").replace("stages", "trials"))
-    return 0
+    # Every trial with synthetic tiles failed: the sweep measured nothing, and says so in its exit code.
+    return 1 if result.all_synthetic_failed else 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -27,22 +27,31 @@ log = logging.getLogger(__name__)
 
 TrialFn = Callable[[HistodiffConfig], dict[str, float]]
 NO_SYNTHETIC = {"guidance_scale": None, "threshold": None, "synthetic_ratio": 0.0}
-# The trial's own process mostly waits on the Ray tasks / Train workers it starts.
+# The trial's own process mostly waits on the Ray actors and tasks it starts.
 TRIAL_DRIVER_CPU = 0.5
 
 
 @dataclass
 class SweepResult:
-    """Every trial's outcome, the recommendation (validation) and its test gain, where it lies."""
+    """Every trial's outcome, the recommendation (validation) and its test gain, where it lies.
+
+    ``recommended`` is None when any trial failed: a sweep with holes recommends nothing.
+    """
 
     trials: list[dict[str, Any]]
-    recommended: dict[str, Any]
-    recommended_val_gain: float
+    recommended: dict[str, Any] | None
+    recommended_val_gain: float | None
     recommended_test_gain: float | None
     num_failed: int
     output_uri: str
     parent_run_id: str | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def all_synthetic_failed(self) -> bool:
+        """Return True when no trial with synthetic tiles finished (the sweep measured nothing)."""
+        synthetic = [t for t in self.trials if t.get("synthetic_ratio")]
+        return bool(synthetic) and all(t["status"] != "OK" for t in synthetic)
 
 
 def load_space(cfg: HistodiffConfig, path: str) -> HistodiffConfig:
@@ -145,21 +154,54 @@ def _error_line(error: BaseException) -> str:
     return tracking.scrub(lines[-1] if lines else type(error).__name__)[:500]
 
 
-def max_concurrent(cfg: HistodiffConfig) -> int:
-    """Return how many trials fit the cluster at once (each trial's workers plus its driver)."""
-    import ray
+def trial_bundles(cfg: HistodiffConfig) -> list[dict[str, float]]:
+    """Return the placement-group bundles of one trial: its driver, then one per worker it starts.
 
+    A trial's synthesis actors and evaluation tasks are Ray children of the trial, and Tune
+    places children inside the trial's placement group. So the group holds a bundle for the
+    driver (``TRIAL_DRIVER_CPU``) and ``synthesis.num_actors`` worker bundles of
+    ``ray.cpus_per_worker`` CPUs (and one GPU each with ``ray.use_gpu``): the synthesis actors
+    take them first, then the evaluation tasks take turns on them.
+    """
+    worker = {"CPU": float(cfg.ray.cpus_per_worker)}
+    if cfg.ray.use_gpu:
+        worker["GPU"] = 1.0
+    return [{"CPU": TRIAL_DRIVER_CPU}] + [dict(worker) for _ in range(cfg.synthesis.num_actors)]
+
+
+def trial_demand(cfg: HistodiffConfig) -> dict[str, float]:
+    """Return the total resources one trial reserves (the sum of its bundles)."""
+    total: dict[str, float] = {}
+    for bundle in trial_bundles(cfg):
+        for key, value in bundle.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def max_concurrent(cfg: HistodiffConfig, cluster: dict[str, float] | None = None) -> int:
+    """Return how many trials fit the cluster at once, from the same numbers as :func:`trial_bundles`.
+
+    Raises a clear error when not even one trial fits (it would wait forever).
+    """
     if cfg.sweep.max_concurrent_trials:
         return cfg.sweep.max_concurrent_trials
-    res = ray.cluster_resources()
-    per_trial_cpu = cfg.ray.cpus_per_worker * cfg.ray.num_workers + TRIAL_DRIVER_CPU
-    n = max(1, math.floor(res.get("CPU", 1) / per_trial_cpu))
-    if cfg.ray.use_gpu:
-        n = min(n, max(1, math.floor(res.get("GPU", 0) / cfg.ray.num_workers)))
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    demand = trial_demand(cfg)
+    fits = [math.floor(cluster.get(key, 0.0) / need + 1e-9) for key, need in demand.items() if need > 0]
+    n = min(fits) if fits else 1
+    if n < 1:
+        have = {k: cluster.get(k, 0.0) for k in demand}
+        raise ConfigError(f"one sweep trial needs {demand} (a driver plus synthesis.num_actors="
+                          f"{cfg.synthesis.num_actors} workers of ray.cpus_per_worker={cfg.ray.cpus_per_worker} "
+                          f"CPUs{' and a GPU' if cfg.ray.use_gpu else ''}), but the cluster has {have}; lower "
+                          "synthesis.num_actors or ray.cpus_per_worker")
     return n
 
 
-def _tuner(cfg: HistodiffConfig, trainable: Any, name: str, storage_path: str, fs: Any) -> Any:
+def _tuner(cfg: HistodiffConfig, trainable: Any, name: str, storage_path: str, fs: Any, concurrent: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -176,7 +218,7 @@ def _tuner(cfg: HistodiffConfig, trainable: Any, name: str, storage_path: str, f
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric="val_gain", mode="max", num_samples=s.num_samples, max_concurrent_trials=max_concurrent(cfg),
+            metric="val_gain", mode="max", num_samples=s.num_samples, max_concurrent_trials=concurrent,
             scheduler=ASHAScheduler(max_t=100, grace_period=1) if s.asha else None),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1),
@@ -197,6 +239,7 @@ def run(cfg: HistodiffConfig, trial_fn: TrialFn | None = None) -> SweepResult:
     parent_file = storage.join(cfg.paths.sweep, "parent_run.json")
     previous = storage.read_json(parent_file, cfg.storage) if storage.exists(parent_file, cfg.storage) else {}
     init_ray(cfg)
+    concurrent = max_concurrent(cfg)  # before any work: a trial that cannot fit is a config error
     if trial_fn is None:
         # Trials share the selector (the threshold is not part of it): train it once, here,
         # rather than in several concurrent trials writing the same path.
@@ -209,8 +252,8 @@ def run(cfg: HistodiffConfig, trial_fn: TrialFn | None = None) -> SweepResult:
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=cfg.public_dict(), parent_run_id=parent.run_id,
                                  trial_fn=trial_fn or synthesize_and_evaluate),
-            {"cpu": TRIAL_DRIVER_CPU})
-        grid = _tuner(cfg, trainable, f"{cfg.name}-sweep", loc.path, fs).fit()
+            tune.PlacementGroupFactory(trial_bundles(cfg), strategy="PACK"))
+        grid = _tuner(cfg, trainable, f"{cfg.name}-sweep", loc.path, fs, concurrent).fit()
         trials = []
         for res in grid:
             point = res.config.get("point", {}) if res.config else {}
@@ -219,9 +262,10 @@ def run(cfg: HistodiffConfig, trial_fn: TrialFn | None = None) -> SweepResult:
                            "val_gain": metrics.get("val_gain"), "test_gain": metrics.get("test_gain"),
                            "status": "ERROR" if res.error else "OK",
                            "error": _error_line(res.error) if res.error else None})
-        best, best_val, best_test = recommend(trials)
+        num_failed = sum(t["status"] != "OK" for t in trials)
+        best, best_val, best_test = recommend(trials) if not num_failed else (None, None, None)
         result = SweepResult(trials=trials, recommended=best, recommended_val_gain=best_val,
-                             recommended_test_gain=best_test, num_failed=sum(t["status"] != "OK" for t in trials),
+                             recommended_test_gain=best_test, num_failed=num_failed,
                              output_uri=cfg.paths.sweep, parent_run_id=parent.run_id)
         result.artifacts = write_report(cfg, result, parent)
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import Any
 
 from histodiff import storage
@@ -85,14 +86,38 @@ def heatmap_figure(trials: list[dict[str, Any]]) -> Any:
     return fig
 
 
+def error_kinds(trials: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Return, per kind of error (its exception name), how many trials failed so and the first one."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for t in trials:
+        if t.get("status") == "OK":
+            continue
+        error = str(t.get("error") or "unknown error")
+        match = re.match(r"^([\w.]+(?:\([\w.]+\))?):", error)
+        name = match.group(1) if match else error[:60]
+        entry = kinds.setdefault(name, {"count": 0, "first": error, "key": t.get("key")})
+        entry["count"] += 1
+    return kinds
+
+
 def summary_text(result: Any) -> str:
-    """Return the print-ready recommendation with its separately reported test gain."""
+    """Return the print-ready recommendation with its separately reported test gain.
+
+    A sweep where any trial failed recommends nothing: it names how many failed and the first
+    error of each kind, so a broken sweep never reads as a finding ("don't augment").
+    """
+    head = f"sweep: {len(result.trials)} trials, {result.num_failed} failed"
+    if result.recommended is None:
+        lines = [head, f"no recommendation: {result.num_failed} of {len(result.trials)} trials failed"]
+        for name, kind in error_kinds(result.trials).items():
+            lines.append(f"  {kind['count']} x {name}; first ({kind['key']}): {kind['first']}")
+        return "\n".join(lines)
     rec = result.recommended
     setting = ("don't augment (no synthetic tiles)" if rec["key"] == NO_SYNTHETIC_KEY else
                f"guidance_scale={rec['guidance_scale']:g} threshold={rec['threshold']:g} "
                f"synthetic_ratio={rec['synthetic_ratio']:g}")
     test = "n/a" if result.recommended_test_gain is None else f"{100 * result.recommended_test_gain:+.2f}"
-    return (f"sweep: {len(result.trials)} trials, {result.num_failed} failed\n"
+    return (f"{head}\n"
             f"recommended (best validation gain): {setting}\n"
             f"  validation gain {100 * result.recommended_val_gain:+.2f} points balanced accuracy\n"
             f"  test gain       {test} points (reported separately; not used to choose)")
@@ -122,6 +147,6 @@ def write_report(cfg: Any, result: Any, tracker: Any) -> dict[str, str]:
     tracker.log_metrics({"recommended_val_gain": result.recommended_val_gain, "num_failed": result.num_failed,
                          "num_trials": len(result.trials),
                          "recommended_test_gain": result.recommended_test_gain})
-    tracker.set_tags({"histodiff.recommended": result.recommended["key"]})
+    tracker.set_tags({"histodiff.recommended": result.recommended["key"] if result.recommended else "none"})
     storage.write_json(uris["results.json"], data, cfg.storage)  # last: marks the report complete
     return uris

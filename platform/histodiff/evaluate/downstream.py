@@ -16,6 +16,7 @@ and would run the arms one after the other.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -213,11 +214,17 @@ def evaluate_arms(splits: Splits, arms: dict[str, tuple[np.ndarray, np.ndarray]]
         raise ValueError("the test split is empty: give a labeled test set or set data.test_fraction > 0")
     empty = (np.zeros((0, *splits.train_x.shape[1:]), np.uint8), np.zeros(0, np.int64))
     all_arms = {"baseline": empty, **arms} if baseline else dict(arms)
+    # An arm with no extra tiles is the baseline itself (training is deterministic per seed): its
+    # outcomes are the baseline's, not a second training of the same thing.
+    same_as_baseline = [arm for arm, (_, y) in all_arms.items() if arm != "baseline" and len(y) == 0 and baseline]
     jobs = [(arm, seed, splits, x, y, recipe, keep_state == (arm, seed)) for arm, (x, y) in all_arms.items()
-            for seed in seeds]
+            if arm not in same_as_baseline for seed in seeds]
     results = runner(train_and_score, jobs)
     kept = next((state for _, state in results if state is not None), None)
-    return [outcome for outcome, _ in results], kept
+    outcomes = [outcome for outcome, _ in results]
+    for arm in same_as_baseline:
+        outcomes += [dataclasses.replace(o, arm=arm) for o in outcomes if o.arm == "baseline"]
+    return outcomes, kept
 
 
 def format_table(result: EvaluationResult) -> str:
@@ -257,12 +264,13 @@ def load_synthetic(cfg: Any, classes: list[str]) -> tuple[np.ndarray, np.ndarray
     manifest = read_manifest(uri, cfg.storage)
     tiles, labels = load_tiles(uri, cfg.storage)
     # A class the selector rejected entirely is a result, not bad input: the augmented arm adds
-    # tiles of the other classes (sample_balanced warns). Nothing accepted at all is an error.
+    # tiles of the other classes (sample_balanced warns). Nothing accepted at all is a result too:
+    # the augmented arm is then the real tiles alone (gain 0), flagged by its synthetic count of 0.
     check_labels(f"synthetic tiles at {uri!r}", labels, classes, require_all=False)
     if not labels:
-        raise ValueError(f"synthetic tiles at {uri!r}: the selector accepted no tile of any class; lower "
-                         "synthesis.selector.threshold, raise synthesis.max_samples_per_class or "
-                         "synthesis.guidance_scale, or set evaluation.synthetic_ratio=0 (baseline only)")
+        log.warning("synthetic tiles at %s: the selector accepted no tile of any class, so the augmented arm "
+                    "is the real tiles alone (gain 0). Lower synthesis.selector.threshold, or raise "
+                    "synthesis.max_samples_per_class or synthesis.guidance_scale", uri)
     ids = np.array([classes.index(c) for c in labels], dtype=np.int64)
     return tiles, ids, manifest.fingerprint or str(manifest.num_tiles)
 
@@ -301,7 +309,7 @@ def run(cfg: Any) -> EvaluationResult:
                                         keep_state=("baseline", e.seeds[0]))
         summary, gains = summarise(outcomes)
         result = EvaluationResult(out, splits.classes, outcomes, summary, gains)
-        if syn_x is not None:
+        if syn_x is not None and len(syn_x) >= 2:
             result.quality = quality.quality_report(cfg, splits.train_x, syn_x, state, len(splits.classes), tracker)
         _write_result(cfg, result, fingerprint, tracker)
     return result
