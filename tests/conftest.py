@@ -60,8 +60,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray with 2 CPUs, shared by the whole session."""
+def ray_local(s3_server):
+    """A real local Ray with 2 CPUs, shared by the whole session.
+
+    Started after the S3 endpoint, so its workers inherit the endpoint and credentials from the
+    environment, as every node of a real cluster has its own (histodiff never ships credentials).
+    """
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="hdray-", dir="/tmp")

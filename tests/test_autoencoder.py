@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from histodiff import checkpoint as ckpt
-from histodiff import storage
 from histodiff.config import AutoencoderConfig, load_config
 from histodiff.data import shards
 from histodiff.models import autoencoder as m
+from histodiff.runner import run_stage
+from histodiff.stages import autoencoder as stage
+from histodiff.storage import Store, join
 from histodiff.train import autoencoder as t
 
 TINY = dict(block_out_channels=[16, 32, 32], norm_num_groups=8, layers_per_block=1, batch_size=8, lr=1e-3)
@@ -28,17 +30,18 @@ def smooth_tiles(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
     return (x * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-def write_shards(uri: str, tiles: np.ndarray, labels: list, per_shard: int = 16, storage_cfg=None) -> None:
+def write_shards(uri: str, tiles: np.ndarray, labels: list, per_shard: int = 16, store: Store | None = None) -> None:
     """Write tiles as a complete shard directory (parts, then the manifest)."""
+    store = store or Store()
     names = []
     for i in range(0, len(tiles), per_shard):
         names.append(shards.shard_name(len(names)))
         table = shards.tiles_table(tiles[i : i + per_shard], labels[i : i + per_shard], "test",
                                    [f"t{j}" for j in range(i, i + per_shard)])
-        shards.write_table(table, storage.join(uri, names[-1]), storage_cfg)
+        shards.write_table(table, join(uri, names[-1]), store)
     classes = sorted({lab for lab in labels if lab is not None})
     shards.write_manifest(shards.Manifest(uri, names, len(tiles), classes, tiles.shape[1], fingerprint=f"fp{len(tiles)}"),
-                          storage_cfg)
+                          store)
 
 
 def test_build_autoencoder_downsamples_by_f_without_attention():
@@ -91,7 +94,7 @@ def test_perceptual_loss_loads_user_weights(tmp_path, suffix, vgg_state, one_thr
     path = str(tmp_path / f"vgg{suffix}")
     state = vgg_state
     save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
-    loaded = t.load_perceptual_state(path)
+    loaded = t.load_perceptual_state(path, Store())
     assert torch.equal(loaded["features.0.weight"], state["features.0.weight"])
     net = m.PerceptualLoss(loaded)
     x = shards.to_model_range(smooth_tiles(2, size=32))
@@ -159,29 +162,29 @@ def test_run_trains_two_workers_exports_and_skips(tmp_path, ray_local):
         "ray.cpus_per_worker=0.5", "autoencoder.block_out_channels=[16,32,32]", "autoencoder.norm_num_groups=8",
         "autoencoder.batch_size=8", "autoencoder.steps=4", "autoencoder.checkpoint_every=2",
         "autoencoder.report_every=2", "autoencoder.eval_tiles=8", "autoencoder.lr=1e-3"])
-    result = t.run(cfg)
+    result = run_stage(stage, cfg)
     assert not result.skipped and result.steps == 4
-    meta = ckpt.model_meta(cfg.paths.autoencoder)
-    assert meta["kind"] == "autoencoder" and meta["fingerprint"] == result.fingerprint
+    meta = ckpt.model_meta(cfg.paths.autoencoder, Store())
     assert meta["sha256"] == result.sha256 and meta["heldout_uri"] == cfg.paths.labeled_shards
     assert 5.0 < result.psnr < 60.0 and -1.0 <= result.ssim <= 1.0
-    stage = f"autoencoder-{result.fingerprint.split('-')[0][:8]}"
     from histodiff.train import common
 
-    assert common.completed_steps(cfg, stage)[-1] == 4
+    run = stage.run_name(stage.spec(cfg, Store()), cfg.name)
+    assert common.completed_steps(cfg.paths.checkpoints, run, Store()) == [2, 4]
     from diffusers import AutoencoderKL
 
-    vae, _ = ckpt.load_exported(AutoencoderKL, cfg.paths.autoencoder)
+    vae, _ = ckpt.load_exported(AutoencoderKL, cfg.paths.autoencoder, Store())
     assert vae.encode(torch.zeros(1, 3, 16, 16)).latent_dist.mean.shape == (1, 3, 4, 4)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
-    assert run.data.metrics["heldout/psnr"] == pytest.approx(result.psnr)
-    assert "train/l1" in run.data.metrics  # rank 0 logged training metrics
-    assert "autoencoder_reconstructions.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    mlrun = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
+    assert mlrun.info.run_id == result.run_id and mlrun.info.status == "FINISHED"
+    assert mlrun.data.metrics["heldout_psnr"] == pytest.approx(result.psnr)
+    assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "l1")] == [2, 4]  # rank 0 only
+    assert "autoencoder_reconstructions.png" in [a.path for a in client.list_artifacts(mlrun.info.run_id)]
     mtime = os.path.getmtime(os.path.join(cfg.paths.autoencoder, ckpt.MODEL_META))
-    again = t.run(cfg)
+    again = run_stage(stage, cfg)
     assert again.skipped and again.sha256 == result.sha256
     assert os.path.getmtime(os.path.join(cfg.paths.autoencoder, ckpt.MODEL_META)) == mtime
 

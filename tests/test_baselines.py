@@ -8,7 +8,7 @@ import torch
 from histodiff.evaluate.baselines import (confident_balanced, knn_predict, linear_probe, probe_baselines,
                                           pseudo_label_outcomes)
 from histodiff.evaluate.downstream import evaluate_arms
-from tests.test_downstream import RECIPE, make_splits
+from test_downstream import RECIPE, make_splits
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,9 +48,7 @@ def test_confident_balanced_keeps_equal_counts():
 def test_pseudo_label_retrains_on_confident_pool_tiles():
     splits = make_splits(n=6)
     pool = make_splits(seed=9, n=10).train_x
-    import dataclasses
-
-    recipe = dataclasses.replace(RECIPE, epochs=6, batch_size=4)  # enough to separate dark from light
+    recipe = RECIPE.model_copy(update={"epochs": 6, "batch_size": 4})  # enough to separate dark from light
     baseline, pseudo = pseudo_label_outcomes(splits, pool, recipe, seeds=[0], threshold=0.0)
     assert pseudo.arm == "pseudo_label" and pseudo.seed == 0
     assert pseudo.num_synthetic > 0 and pseudo.num_synthetic % 2 == 0

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from histodiff.storage import Store
 from histodiff import checkpoint as ckpt
 from histodiff import storage
 
@@ -59,14 +60,14 @@ def test_export_replaces_an_older_export_and_hashes_weights(tmp_path):
     model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32),
                         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                         layers_per_block=1, norm_num_groups=8)
-    sha1 = ckpt.export_model(model, uri, {"kind": "denoiser", "step": 1})
+    sha1 = ckpt.export_model(model, uri, {"kind": "denoiser", "step": 1}, Store())
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
-    sha2 = ckpt.export_model(model, uri, {"kind": "denoiser", "step": 2})
+    sha2 = ckpt.export_model(model, uri, {"kind": "denoiser", "step": 2}, Store())
     assert sha1 != sha2 and len(sha2) == 64
-    loaded, meta = ckpt.load_exported(UNet2DModel, uri)
+    loaded, meta = ckpt.load_exported(UNet2DModel, uri, Store())
     assert meta["step"] == 2 and meta["sha256"] == sha2
     assert torch.equal(next(loaded.parameters()), next(model.parameters()))
-    storage.delete(storage.join(uri, ckpt.MODEL_META))
+    Store().delete(storage.join(uri, ckpt.MODEL_META))
     with pytest.raises(FileNotFoundError, match="missing histodiff.json"):
-        ckpt.model_meta(uri)
+        ckpt.model_meta(uri, Store())

@@ -10,6 +10,9 @@ import torch
 from histodiff import checkpoint as ckpt
 from histodiff.config import load_config
 from histodiff.models import denoiser as dn
+from histodiff.runner import run_stage
+from histodiff.stages import pretrain
+from histodiff.storage import Store
 from histodiff.train import common
 from histodiff.train import denoiser as tr
 from histodiff.bench.generative import write_synthetic_latents as write_latents
@@ -96,26 +99,26 @@ def test_ema_weights_lag_the_trained_weights():
     assert 0 < ema_moved < moved
 
 
-def test_fault_spec_and_fingerprints():
-    assert tr.parse_fault_spec(None) is None
-    assert tr.parse_fault_spec("mode=kill,rank=1,step=5,marker=/tmp/m") == {
-        "mode": "kill", "rank": "1", "step": "5", "marker": "/tmp/m"}
-    with pytest.raises(ValueError, match="marker"):
-        tr.parse_fault_spec("step=3")
-    meta = {"shape": [3, 8, 8], "scale_factor": 0.5, "autoencoder_sha256": "a", "num_latents": 64}
-    full, arch = tr.fingerprints(load_config("tiny"), meta)
-    full2, arch2 = tr.fingerprints(load_config("tiny", ["denoiser.steps=5"]), meta)
-    assert arch == arch2 and full != full2
-    assert tr.fingerprints(load_config("tiny", ["denoiser.layers_per_block=2"]), meta)[1] != arch
+def test_run_name_keeps_a_run_across_steps_and_cadences_but_not_across_recipes(tmp_path):
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", *SMALL])
+    write_latents(cfg.paths.latents, 64)
+
+    def name(*extra):
+        return pretrain.run_name(pretrain.spec(load_config("tiny", [f"paths.root={tmp_path}", *SMALL, *extra]),
+                                               Store()), "n")
+
+    assert name() == name("denoiser.steps=5", "denoiser.checkpoint_every=2", "denoiser.sample_every=3")
+    assert name() != name("denoiser.lr=1e-3") and name() != name("denoiser.layers_per_block=2")
+    assert name().startswith("n-pretrain-")
 
 
 def test_missing_or_small_latents_fail_before_ray(tmp_path):
     cfg = load_config("tiny", [f"paths.root={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="encode"):
-        tr.run(cfg)
+        run_stage(pretrain, cfg)
     write_latents(cfg.paths.latents, 8)
     with pytest.raises(ValueError, match="fewer than one batch"):
-        tr.run(cfg)
+        run_stage(pretrain, cfg)
 
 
 def ray_cfg(tmp_path, *extra):
@@ -132,19 +135,19 @@ def test_two_workers_train_export_and_skip_on_rerun(ray_local, tmp_path):
     cfg = ray_cfg(tmp_path, "denoiser.steps=12", "denoiser.checkpoint_every=6", "tracking.enabled=true",
                   f"tracking.tracking_uri={uri}", "name=two")
     write_latents(cfg.paths.latents, 64)
-    result = tr.run(cfg)
+    result = run_stage(pretrain, cfg)
     assert result.step == 12 and not result.skipped and result.final_loss == result.final_loss
     steps, losses = zip(*result.probe_losses)
     assert steps == (0, 6, 12) and losses[-1] < 0.8 * losses[0], losses
-    assert common.completed_steps(cfg, "pretrain") == [6, 12]
-    unet, meta = ckpt.load_exported(__import__("diffusers").UNet2DModel, cfg.paths.denoiser)
+    assert common.completed_steps(cfg.paths.checkpoints, result.run_uri.rsplit("/", 1)[-1], Store()) == [6, 12]
+    unet, meta = ckpt.load_exported(__import__("diffusers").UNet2DModel, cfg.paths.denoiser, Store())
     assert meta["kind"] == "denoiser" and meta["step"] == 12 and meta["latent_shape"] == [3, 8, 8]
     assert meta["scale_factor"] == 0.5 and meta["autoencoder_sha256"] == "synthetic" and meta["sha256"] == result.sha256
     client = MlflowClient(uri)
     run = client.search_runs(client.get_experiment_by_name(cfg.tracking.experiment).experiment_id)[0]
     history = client.get_metric_history(run.info.run_id, "probe_loss")
     assert [m.step for m in history] == [6, 12]  # rank 0 only: no duplicates from rank 1
-    again = tr.run(cfg)
+    again = run_stage(pretrain, cfg)
     assert again.skipped and again.sha256 == result.sha256
 
 

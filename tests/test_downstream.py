@@ -8,8 +8,12 @@ import torch
 
 from histodiff.evaluate import downstream
 from histodiff.evaluate.downstream import Recipe, Splits, check_labels, evaluate_arms, sample_balanced
+from histodiff.runner import run_stage
+from histodiff.stages import evaluate
+from histodiff.storage import Store
 
-RECIPE = Recipe("test_resnet", image_size=16, epochs=2, lr=3e-3, weight_decay=0.0, batch_size=8, augment="none")
+RECIPE = Recipe(backbone="test_resnet", image_size=16, epochs=2, lr=3e-3, weight_decay=0.0, batch_size=8,
+                augment="none")
 CLASSES = ["dark", "light"]
 
 
@@ -94,7 +98,7 @@ def test_bad_input_errors():
     splits.train_y[:] = 0
     with pytest.raises(ValueError, match=r"real train split: class\(es\) \['light'\] have no tiles"):
         evaluate_arms(splits, {}, RECIPE, seeds=[0])
-    bad = Recipe("resnet_does_not_exist", 16, 1, 1e-3, 0.0, 8)
+    bad = RECIPE.model_copy(update={"backbone": "resnet_does_not_exist"})
     with pytest.raises(ValueError, match="timm has no model named 'resnet_does_not_exist'"):
         evaluate_arms(make_splits(), {}, bad, seeds=[0])
     splits = make_splits()
@@ -115,9 +119,9 @@ def _write_shards(uri, tiles, labels, dataset="synthetic"):
     from histodiff.data import shards
 
     table = shards.tiles_table(tiles, labels, dataset, [f"{dataset}-{i}" for i in range(len(tiles))])
-    shards.write_table(table, f"{uri}/{shards.shard_name(0)}")
+    shards.write_table(table, f"{uri}/{shards.shard_name(0)}", Store())
     shards.write_manifest(shards.Manifest(uri, [shards.shard_name(0)], len(tiles), sorted(set(labels)),
-                                          tiles.shape[1], fingerprint=f"{dataset}fp"))
+                                          tiles.shape[1], fingerprint=f"{dataset}fp"), Store())
 
 
 @pytest.mark.slow
@@ -138,7 +142,7 @@ def test_run_on_ray_writes_table_logs_gain_and_skips_rerun(ray_local, tmp_path):
                                "evaluation.image_size=16", "evaluation.backbone=test_resnet", "evaluation.seeds=[0,1]", "evaluation.batch_size=8",
                                "evaluation.memorisation_pairs=2",
                                "data.labels_per_class=4", "data.val_fraction=0.34"])
-    result = downstream.run(cfg)
+    result = run_stage(evaluate, cfg)
     assert len(result.outcomes) == 4 and not result.skipped
     # labels_per_class=4 of 6 per class after validation -> 8 real tiles, ratio 1 -> 8 synthetic (4 per class)
     assert [(o.num_real, o.num_synthetic) for o in result.outcomes if o.arm == "augmented"] == [(8, 8), (8, 8)]
@@ -156,15 +160,14 @@ def test_run_on_ray_writes_table_logs_gain_and_skips_rerun(ray_local, tmp_path):
     run = client.search_runs([client.get_experiment_by_name("histodiff-tiny").experiment_id])[0]
     assert run.data.metrics["gain_accuracy"] == pytest.approx(g["mean"])
     assert "gain_balanced_accuracy_ci_low" in run.data.metrics
-    again = downstream.run(cfg)
+    assert run.info.run_id == result.run_id
+    again = run_stage(evaluate, cfg)
     assert again.skipped and again.gains == result.gains
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_train_and_score_on_gpu():
-    import dataclasses
-
-    recipe = dataclasses.replace(RECIPE, use_gpu=True)
+    recipe = RECIPE.model_copy(update={"use_gpu": True})
     outcomes, _ = evaluate_arms(make_splits(), {}, recipe, seeds=[0])
     assert 0.0 <= outcomes[0].test["accuracy"] <= 1.0 and outcomes[0].test["num_test"] == 6

@@ -18,6 +18,9 @@ from histodiff import storage
 from histodiff.config import load_config
 from histodiff.data import ingest, shards
 from histodiff.data.builtin import tissue_image
+from histodiff.runner import run_stage
+from histodiff.stages import ingest as stage
+from histodiff.storage import Store
 
 from conftest import free_port
 
@@ -43,6 +46,11 @@ def no_ray(monkeypatch):
         raise AssertionError("Ray was started before the input was checked")
 
     monkeypatch.setattr("histodiff.runtime.init_ray", refuse)
+
+
+def ingest_run(cfg):
+    """Run the ingest stage as the CLI does."""
+    return run_stage(stage, cfg)
 
 
 # ---------------------------------------------------------------- tile rules (no Ray)
@@ -104,45 +112,57 @@ def test_ingest_skips_counts_dedups_and_resumes(tmp_path, ray_local):
     expected = _messy_source(str(tmp_path / "pool"))
     cfg = _cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/pool]", "data.tiles_per_shard=5",
                "data.max_bad_fraction=0.3")
-    result = ingest.run(cfg)
+    result = ingest_run(cfg)
     report = result.reports["unlabeled"]
     assert report["seen"] == expected["seen"] and report["written"] == expected["written"]
     assert report["skipped"] == {"empty": 1, "not_image": 1, "truncated": 1, "corrupt": 1, "too_small": 1,
                                  "duplicate": 1}
     assert report["converted"] == {"grayscale": 1, "rgba": 1}
     out = cfg.paths.unlabeled_shards
-    manifest = shards.read_manifest(out)
+    manifest = shards.read_manifest(out, Store())
     # chunks of 5 sorted files; the last chunk (c_text, c_trunc, z_dup) keeps nothing, so it has no shard
     assert manifest.shards == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert manifest.num_tiles == 12 and manifest.classes == []
-    tiles, labels = shards.load_tiles(out)
+    tiles, labels = shards.load_tiles(out, Store())
     assert tiles.shape == (12, 32, 32, 3) and labels == [None] * 12
-    table = shards.read_table(out)
+    table = shards.read_table(out, Store())
     assert len(set(table.column("sha1").to_pylist())) == 12
     assert not any("z_dup" in s for s in table.column("source").to_pylist())  # the first copy wins
 
-    # same inputs and settings: nothing is redone
+    # every skipped file is named with its reason (and every converted one), beside the manifest
+    import csv
+
+    with open(os.path.join(out, ingest.SKIPPED_CSV)) as f:
+        skipped = {(os.path.basename(r["uri"]), r["reason"]) for r in csv.DictReader(f)}
+    assert {reason for _, reason in skipped} == set(report["skipped"]) and len(skipped) == 6
+    assert ("z_dup_of_a00.tif", "duplicate") in skipped and any(reason == "truncated" for _, reason in skipped)
+    with open(os.path.join(out, ingest.CONVERTED_CSV)) as f:
+        assert sorted(r["conversion"] for r in csv.DictReader(f)) == ["grayscale", "rgba"]
+
+    # same inputs and settings: the stage is skipped, nothing is redone
     stamp = os.stat(os.path.join(out, shards.MANIFEST)).st_mtime_ns
-    assert ingest.run(cfg).reused == {"unlabeled": True}
+    assert ingest_run(cfg).skipped
     assert os.stat(os.path.join(out, shards.MANIFEST)).st_mtime_ns == stamp
 
     # a crash after some chunks: only the unfinished chunk is redone
+    os.remove(os.path.join(out, "_stage.json"))
     os.remove(os.path.join(out, shards.MANIFEST))
     os.remove(os.path.join(out, ingest.PROGRESS_DIR, "chunk-00002.json"))
     kept = os.stat(os.path.join(out, "part-00001.parquet")).st_mtime_ns
-    again = ingest.run(cfg)
+    again = ingest_run(cfg)
     assert again.reused == {"unlabeled": False} and again.reports["unlabeled"] == report
     assert os.stat(os.path.join(out, "part-00001.parquet")).st_mtime_ns == kept
 
     # changed settings: rebuilt at the new size
-    bigger = ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/pool]", "data.tiles_per_shard=5",
+    bigger = ingest_run(_cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/pool]", "data.tiles_per_shard=5",
                              "data.max_bad_fraction=0.3", "data.tile_size=16"))
-    assert bigger.reused == {"unlabeled": False} and shards.load_tiles(out)[0].shape == (12, 16, 16, 3)
+    assert bigger.reused == {"unlabeled": False} and shards.load_tiles(out, Store())[0].shape == (12, 16, 16, 3)
 
     # past the allowed fraction of bad files: one clear error, no manifest
     os.remove(os.path.join(out, shards.MANIFEST))
+    os.remove(os.path.join(out, "_stage.json"))
     with pytest.raises(ingest.IngestError, match=r"5 of 18 files are unusable .*data.max_bad_fraction=0.1"):
-        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/pool]", "data.max_bad_fraction=0.1"))
+        ingest_run(_cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/pool]", "data.max_bad_fraction=0.1"))
     assert not os.path.exists(os.path.join(out, shards.MANIFEST))
 
 
@@ -153,16 +173,16 @@ def test_ingest_labeled_from_s3_with_tracking(tmp_path, ray_local, s3_bucket, bu
         for cls in sorted(os.listdir(src)):
             for name in sorted(os.listdir(os.path.join(src, cls)))[:6]:
                 with open(os.path.join(src, cls, name), "rb") as f:
-                    storage.write_bytes(f"{s3_bucket}/nct/{split}/{cls}/{name}", f.read())
+                    Store().write_bytes(f"{s3_bucket}/nct/{split}/{cls}/{name}", f.read())
     cfg = _cfg(tmp_path, f"paths.root={s3_bucket}/out", f"paths.labeled_source={s3_bucket}/nct/train",
                f"paths.labeled_test_source={s3_bucket}/nct/test", "tracking.enabled=true",
                f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=ingest-test")
-    result = ingest.run(cfg)
+    result = ingest_run(cfg)
     assert result.num_tiles == {"labeled": 18, "labeled_test": 18}
     assert result.classes["labeled"] == ["BACK", "STR", "TUM"]
-    manifest = shards.read_manifest(f"{s3_bucket}/out/shards/labeled")
+    manifest = shards.read_manifest(f"{s3_bucket}/out/shards/labeled", Store())
     assert manifest.shard_uris() == [f"{s3_bucket}/out/shards/labeled/part-00000.parquet"]
-    _, labels = shards.load_tiles(f"{s3_bucket}/out/shards/labeled_test")
+    _, labels = shards.load_tiles(f"{s3_bucket}/out/shards/labeled_test", Store())
     assert sorted(labels) == ["BACK"] * 6 + ["STR"] * 6 + ["TUM"] * 6
 
     from mlflow.tracking import MlflowClient
@@ -170,7 +190,7 @@ def test_ingest_labeled_from_s3_with_tracking(tmp_path, ray_local, s3_bucket, bu
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("ingest-test")
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.data.metrics["labeled.tiles_written"] == 18 and run.data.metrics["labeled_test.files_seen"] == 18
+    assert run.data.metrics["labeled/tiles_written"] == 18 and run.data.metrics["labeled_test/files_seen"] == 18
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(run.data.params)
 
 
@@ -178,12 +198,12 @@ def test_ingest_labeled_from_s3_with_tracking(tmp_path, ray_local, s3_bucket, bu
 
 def test_missing_local_path(tmp_path, no_ray):
     with pytest.raises(storage.StorageError, match=f"'{tmp_path}/nope' does not exist"):
-        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/nope]"))
+        ingest_run(_cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/nope]"))
 
 
 def test_nothing_to_ingest_and_typos(tmp_path, no_ray):
     with pytest.raises(ingest.IngestError, match="nothing to ingest"):
-        ingest.run(_cfg(tmp_path))
+        ingest_run(_cfg(tmp_path))
     # The job file, run as Ray would run it: a typo is one clear error, exit code 2, before Ray starts.
     done = subprocess.run([sys.executable, str(JOBS / "ingest.py"), "--config", "tiny", "data.tile_sise=32"],
                           capture_output=True, text=True, timeout=300)
@@ -195,45 +215,45 @@ def test_nothing_to_ingest_and_typos(tmp_path, no_ray):
 def test_empty_folder_and_class_folder_without_images(tmp_path, no_ray):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ingest.IngestError, match="holds no image files"):
-        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/empty]"))
+        ingest_run(_cfg(tmp_path, f"paths.unlabeled_sources=[{tmp_path}/empty]"))
     tile = tissue_image()[:48, :48]
     os.makedirs(tmp_path / "nct" / "TUM")
     os.makedirs(tmp_path / "nct" / "STR")
     Image.fromarray(tile).save(tmp_path / "nct" / "TUM" / "a.tif")
     with pytest.raises(ingest.IngestError, match=r"class folder\(s\) \['STR'\] .* hold no image files"):
-        ingest.run(_cfg(tmp_path, f"paths.labeled_source={tmp_path}/nct"))
+        ingest_run(_cfg(tmp_path, f"paths.labeled_source={tmp_path}/nct"))
     with pytest.raises(ingest.IngestError, match="one folder per class"):
-        ingest.run(_cfg(tmp_path, f"paths.labeled_source={tmp_path}/nct/TUM"))
+        ingest_run(_cfg(tmp_path, f"paths.labeled_source={tmp_path}/nct/TUM"))
 
 
 @pytest.mark.slow
 def test_s3_missing_bucket_empty_prefix_and_empty_class(tmp_path, s3_bucket, no_ray):
     with pytest.raises(storage.StorageError, match="bucket 'hd-no-such-bucket' .* does not exist"):
-        ingest.run(_cfg(tmp_path, "paths.unlabeled_sources=[s3://hd-no-such-bucket/tiles]"))
-    storage.write_bytes(f"{s3_bucket}/docs/readme.txt", b"no tiles here")
+        ingest_run(_cfg(tmp_path, "paths.unlabeled_sources=[s3://hd-no-such-bucket/tiles]"))
+    Store().write_bytes(f"{s3_bucket}/docs/readme.txt", b"no tiles here")
     with pytest.raises(ingest.IngestError, match=f"unlabeled source '{s3_bucket}/docs' holds no image files"):
-        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/docs]"))
+        ingest_run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/docs]"))
     with pytest.raises(storage.StorageError, match="does not exist"):
-        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/never/written]"))
-    storage.write_bytes(f"{s3_bucket}/nct/TUM/a.png", _png(tissue_image()[:48, :48]))
-    storage.write_bytes(f"{s3_bucket}/nct/MUC/notes.txt", b"labels pending")
+        ingest_run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/never/written]"))
+    Store().write_bytes(f"{s3_bucket}/nct/TUM/a.png", _png(tissue_image()[:48, :48]))
+    Store().write_bytes(f"{s3_bucket}/nct/MUC/notes.txt", b"labels pending")
     with pytest.raises(ingest.IngestError, match=r"class folder\(s\) \['MUC'\]"):
-        ingest.run(_cfg(tmp_path, f"paths.labeled_source={s3_bucket}/nct"))
+        ingest_run(_cfg(tmp_path, f"paths.labeled_source={s3_bucket}/nct"))
 
 
 @pytest.mark.slow
 def test_s3_wrong_credentials_and_unreachable_endpoint(tmp_path, s3_bucket, monkeypatch, no_ray):
     from moto import settings
 
-    storage.write_bytes(f"{s3_bucket}/pool/a.png", _png(tissue_image()[:48, :48]))
+    Store().write_bytes(f"{s3_bucket}/pool/a.png", _png(tissue_image()[:48, :48]))
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     start = time.monotonic()
     with pytest.raises(storage.StorageError, match="unreachable; check storage.endpoint_url") as info:
-        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/pool]",
+        ingest_run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/pool]",
                         f"storage.endpoint_url=http://127.0.0.1:{free_port()}", "storage.connect_timeout_s=1"))
     assert time.monotonic() - start < 10 and secret not in str(info.value)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGKEY0000")
     monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks keys only in IAM mode
     with pytest.raises(storage.StorageError, match="Check the S3 credentials") as info:
-        ingest.run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/pool]"))
+        ingest_run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/pool]"))
     assert secret not in str(info.value)

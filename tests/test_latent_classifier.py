@@ -9,6 +9,9 @@ from histodiff.bench import guidance as toy
 from histodiff.checkpoint import export_model, load_exported
 from histodiff.diffusion.schedule import ddpm_scheduler
 from histodiff.models.latent_classifier import LatentClassifier
+from histodiff.runner import run_stage
+from histodiff.stages import classifier
+from histodiff.storage import Store
 from histodiff.train.latent_classifier import accuracy_at_timesteps, fit_latent_classifier, sample_timesteps
 
 
@@ -18,8 +21,9 @@ def test_export_round_trip_gives_identical_logits(tmp_path):
         model = LatentClassifier(in_channels=3, num_classes=4, block_out_channels=(8, 16), norm_num_groups=4,
                                  pool=pool).eval()
         z, t = torch.randn(5, 3, 8, 8), torch.tensor([0, 10, 500, 999, 3])
-        sha = export_model(model, str(tmp_path / pool), {"kind": "latent_classifier", "classes": list("abcd")})
-        loaded, meta = load_exported(LatentClassifier, str(tmp_path / pool))
+        sha = export_model(model, str(tmp_path / pool), {"kind": "latent_classifier", "classes": list("abcd")},
+                           Store())
+        loaded, meta = load_exported(LatentClassifier, str(tmp_path / pool), Store())
         assert meta["sha256"] == sha and meta["classes"] == list("abcd")
         assert loaded(z, t).shape == (5, 4)
         torch.testing.assert_close(loaded(z, t), model(z, t))
@@ -58,21 +62,20 @@ def test_noisy_mode_holds_up_at_mid_timesteps_where_clean_fails():
 @pytest.mark.slow
 def test_classifier_stage_trains_exports_and_skips(ray_local, tmp_path):
     from histodiff.checkpoint import model_meta
-    from histodiff.train.latent_classifier import run
 
     cfg = toy.write_toy_inputs(str(tmp_path))
     cfg.classifier.steps = 40
     cfg.classifier.checkpoint_every = 40
     cfg.classifier.report_every = 20
     cfg.classifier.eval_timesteps = [0, 800]
-    result = run(cfg)
-    meta = model_meta(cfg.paths.classifier)
-    ae = model_meta(cfg.paths.autoencoder)["sha256"]
+    result = run_stage(classifier, cfg)
+    meta = model_meta(cfg.paths.classifier, Store())
+    ae = model_meta(cfg.paths.autoencoder, Store())["sha256"]
     assert meta["kind"] == "latent_classifier" and meta["mode"] == "noisy" and meta["autoencoder_sha256"] == ae
     assert meta["classes"] == toy.TOY_CLASS_NAMES == result.classes
     assert result.val_accuracy[0] >= 0.85  # toy classes are well separated in latent space
     assert set(result.val_accuracy) == {0, 800}
-    model, _ = load_exported(LatentClassifier, cfg.paths.classifier)
+    model, _ = load_exported(LatentClassifier, cfg.paths.classifier, Store())
     assert model.config.num_classes == 3
-    again = run(cfg)
+    again = run_stage(classifier, cfg)
     assert again.skipped and again.sha256 == result.sha256

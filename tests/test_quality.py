@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from histodiff.evaluate.quality import BackboneFeatures, closest_pairs_grid, fid_kid, memorisation
+from histodiff.evaluate.quality import BackboneFeatures, closest_pairs, fid_kid, memorisation
 
 
 class ColourStats(nn.Module):
@@ -60,6 +60,6 @@ def test_memorisation_finds_copies():
     assert memo["pixel_index"][0] == 3
     assert min(memo["pixel_distance"][1:]) > 0.2
     assert memo["real_pixel_nn_median"] > 0.2
-    grid = closest_pairs_grid(real, fake, memo, n=2)
-    assert grid.shape == (8 * 2 + 2, 8 * 2 + 2, 3)
-    assert np.array_equal(grid[:8, :8], real[3])
+    (syn_label, syn), (real_label, nearest) = closest_pairs(real, fake, memo, n=2)
+    assert (syn_label, real_label) == ("synthetic", "nearest real") and syn.shape == nearest.shape == (2, 8, 8, 3)
+    assert np.array_equal(syn[0], real[3]) and np.array_equal(nearest[0], real[3])  # the copy comes first

@@ -10,7 +10,8 @@ from PIL import Image
 
 from histodiff.config import load_config
 from histodiff.data import shards
-from histodiff.data.readers import copies_per_pass, decode_batch, small_parquet_dataset, tile_dataset
+from histodiff.data.readers import copies_per_pass, decode_batch, read_spec, small_parquet_dataset, tile_dataset
+from histodiff.storage import Store
 
 CLASSES = ["BACK", "STR", "TUM"]
 
@@ -30,8 +31,8 @@ def _write_shards(uri: str, n: int, per_shard: int) -> list[str | None]:
         idx = range(s, min(n, s + per_shard))
         table = shards.tiles_table([_tile(i) for i in idx], [labels[i] for i in idx], "t", [f"t{i}" for i in idx])
         names.append(shards.shard_name(len(names)))
-        shards.write_table(table, f"{uri}/{names[-1]}")
-    shards.write_manifest(shards.Manifest(uri=uri, shards=names, num_tiles=n, classes=CLASSES, tile_size=8))
+        shards.write_table(table, f"{uri}/{names[-1]}", Store())
+    shards.write_manifest(shards.Manifest(uri=uri, shards=names, num_tiles=n, classes=CLASSES, tile_size=8), Store())
     return labels
 
 
@@ -66,16 +67,15 @@ def test_augment_applies_only_dihedral_transforms():
 def test_small_set_is_repeated_to_fill_a_pass_in_new_orders(tmp_path, ray_local):
     uri = str(tmp_path / "shards")
     _write_shards(uri, 40, per_shard=7)
-    cfg = load_config("tiny", [f"paths.root={tmp_path}", "tracking.enabled=false"])
-    assert copies_per_pass(40, 1.0, 100, cfg) == 3 and copies_per_pass(40, 1.0, 30, cfg) == 1
-    cfg.data.materialize_max_mb = 2.0
-    assert copies_per_pass(40, 1.0, 1000, cfg) == 2  # bounded by the memory budget
-    rows = tile_dataset(uri, load_config("tiny", [f"paths.root={tmp_path}"]), augment=False, batch_size=16,
-                        rows_per_pass=100).take_all()
+    read = read_spec(load_config("tiny"))
+    assert copies_per_pass(40, 1.0, 100, 256) == 3 and copies_per_pass(40, 1.0, 30, 256) == 1
+    assert copies_per_pass(40, 1.0, 1000, 2.0) == 2  # bounded by the memory budget
+    rows = tile_dataset(uri, Store(), read, augment=False, batch_size=16, rows_per_pass=100).take_all()
     ids = [int(round((float(r["image"][0].min()) + 1) * 127.5)) for r in rows]
     assert sorted(ids) == sorted(list(range(40)) * 3)  # every tile exactly once per copy
-    manifest = shards.read_manifest(uri)
-    names = [r["sha1"] for r in small_parquet_dataset(manifest.shard_uris(), cfg, ["sha1"], copies=3).take_all()]
+    manifest = shards.read_manifest(uri, Store())
+    names = [r["sha1"] for r in small_parquet_dataset(manifest.shard_uris(), Store(), ["sha1"], read.seed,
+                                                      copies=3).take_all()]
     copies = [names[i : i + 40] for i in (0, 40, 80)]
     assert all(sorted(c) == sorted(copies[0]) for c in copies) and copies[1] != copies[2]  # a new order per copy
 
@@ -88,8 +88,7 @@ def test_tile_dataset_streams_every_tile_once_from_s3_into_ray_train(tmp_path, r
 
     uri = f"{s3_bucket}/shards"
     labels = _write_shards(uri, 40, per_shard=7)
-    cfg = load_config("tiny", [f"paths.root={tmp_path}", "tracking.enabled=false"])
-    ds = tile_dataset(uri, cfg, augment=True, batch_size=16)
+    ds = tile_dataset(uri, Store(), read_spec(load_config("tiny")), augment=True, batch_size=16)
 
     def loop(config: dict) -> dict:
         import torch
@@ -130,7 +129,7 @@ def test_tile_dataset_streams_onto_the_gpu(tmp_path, ray_local):
 
     uri = str(tmp_path / "shards")
     _write_shards(uri, 24, per_shard=8)
-    ds = tile_dataset(uri, load_config("tiny", [f"paths.root={tmp_path}"]), augment=True)
+    ds = tile_dataset(uri, Store(), read_spec(load_config("tiny")), augment=True)
 
     def loop(config: dict) -> dict:
         from histodiff.runtime import device_for

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from histodiff.storage import Store
 from histodiff.augment.selection import (cap_by_score, centroid_rule, class_centroids, confidence_rule,
                                          export_selector, load_selector, train_selector)
 from histodiff.bench import guidance as toy
-from histodiff.config import HistodiffConfig
 from histodiff.data.shards import to_model_range
 
 
@@ -41,13 +41,15 @@ def test_centroid_rule_and_cap():
 
 @pytest.fixture(scope="module")
 def selector():
-    cfg = HistodiffConfig.model_validate({"seed": 0, "synthesis": {"selector": {
-        "backbone": "test_resnet", "epochs": 6, "batch_size": 8, "lr": 1e-2}}})
     tx, ty_names = toy.toy_tiles(10, seed=0)
     vx, vy_names = toy.toy_tiles(4, seed=1)
     ids = {c: i for i, c in enumerate(toy.TOY_CLASS_NAMES)}
-    return train_selector(cfg, to_model_range(tx), torch.tensor([ids[c] for c in ty_names]), to_model_range(vx),
-                          torch.tensor([ids[c] for c in vy_names]), toy.TOY_CLASS_NAMES)
+    selector, val_bacc = train_selector(
+        to_model_range(tx), torch.tensor([ids[c] for c in ty_names]), to_model_range(vx),
+        torch.tensor([ids[c] for c in vy_names]), toy.TOY_CLASS_NAMES, backbone="test_resnet", epochs=6, lr=1e-2,
+        weight_decay=0.05, batch_size=8, augment="dihedral", seed=0)
+    assert 0.0 <= val_bacc <= 1.0
+    return selector
 
 
 def check_set(n: int = 240, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,12 +96,12 @@ def test_none_mode_keeps_everything_and_scores_it(selector):
 
 def test_selector_round_trip(selector, tmp_path):
     images, _, _ = check_set(12)
-    sha = export_selector(selector, str(tmp_path / "sel"), {"fingerprint": "x"})
-    loaded, meta = load_selector(str(tmp_path / "sel"))
+    sha = export_selector(selector, str(tmp_path / "sel"), {"note": "x"}, Store())
+    loaded, meta = load_selector(str(tmp_path / "sel"), Store())
     assert meta["sha256"] == sha == loaded.sha256 and meta["classes"] == toy.TOY_CLASS_NAMES
     p0, f0 = selector.judge(images)
     p1, f1 = loaded.judge(images)
     torch.testing.assert_close(p0, p1)
     torch.testing.assert_close(loaded.centroids, selector.centroids)
     with pytest.raises(FileNotFoundError, match="no complete selector"):
-        load_selector(str(tmp_path / "nothing"))
+        load_selector(str(tmp_path / "nothing"), Store())

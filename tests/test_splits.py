@@ -7,7 +7,8 @@ import pytest
 
 from histodiff.config import load_config
 from histodiff.data import shards
-from histodiff.data.splits import labeled_splits, split_labeled
+from histodiff.data.splits import labeled_splits, split_labeled, split_spec
+from histodiff.storage import Store
 
 LABELS = ["a"] * 50 + ["b"] * 30 + ["c"] * 20
 
@@ -60,9 +61,9 @@ def test_tiny_classes_keep_a_train_tile_and_bad_arguments_fail():
 def _write(uri: str, labels: list[str], offset: int) -> None:
     tiles = [np.full((8, 8, 3), offset + i, np.uint8) for i in range(len(labels))]
     table = shards.tiles_table(tiles, labels, "t", [f"t{offset + i}" for i in range(len(labels))])
-    shards.write_table(table, f"{uri}/part-00000.parquet")
+    shards.write_table(table, f"{uri}/part-00000.parquet", Store())
     shards.write_manifest(shards.Manifest(uri=uri, shards=["part-00000.parquet"], num_tiles=len(labels),
-                                          classes=sorted(set(labels)), tile_size=8))
+                                          classes=sorted(set(labels)), tile_size=8), Store())
 
 
 def test_labeled_splits_uses_test_shards_when_present(tmp_path):
@@ -70,7 +71,7 @@ def test_labeled_splits_uses_test_shards_when_present(tmp_path):
     _write(f"{root}/shards/labeled", ["TUM"] * 10 + ["STR"] * 10, 0)
     cfg = load_config("tiny", [f"paths.root={root}", "data.labels_per_class=3", "data.val_fraction=0.2",
                                "data.test_fraction=0.2"])
-    no_test = labeled_splits(cfg)
+    no_test = labeled_splits(split_spec(cfg, Store()), Store())
     assert {k: len(v[1]) for k, v in no_test.items()} == {"train": 6, "val": 4, "test": 4}
     tiles, ids, classes = no_test["train"]
     assert classes == ["STR", "TUM"] and tiles.shape == (6, 8, 8, 3) and tiles.dtype == np.uint8
@@ -79,13 +80,13 @@ def test_labeled_splits_uses_test_shards_when_present(tmp_path):
     assert all((i < 10) == (label == 1) for i, label in zip(tiles[:, 0, 0, 0], ids))
 
     _write(f"{root}/shards/labeled_test", ["STR"] * 3 + ["TUM"] * 2, 100)
-    with_test = labeled_splits(cfg)
+    with_test = labeled_splits(split_spec(cfg, Store()), Store())
     test_tiles, test_ids, _ = with_test["test"]
     assert test_tiles[:, 0, 0, 0].tolist() == [100, 101, 102, 103, 104] and test_ids.tolist() == [0, 0, 0, 1, 1]
     assert len(with_test["val"][1]) == 4 and len(with_test["train"][1]) == 6  # no test carved out anymore
 
     _write(f"{root}/shards/labeled_test", ["MUC"], 200)
     with pytest.raises(ValueError, match=r"labels \['MUC'\] outside the training classes"):
-        labeled_splits(cfg)
+        labeled_splits(split_spec(cfg, Store()), Store())
     with pytest.raises(FileNotFoundError, match="run `histodiff run ingest` first"):
-        labeled_splits(load_config("tiny", [f"paths.root={root}/elsewhere"]))
+        split_spec(load_config("tiny", [f"paths.root={root}/elsewhere"]), Store())

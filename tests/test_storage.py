@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from histodiff.storage import Store
 from histodiff import storage
 from histodiff.config import StorageConfig
 
@@ -15,47 +16,47 @@ from conftest import free_port
 
 
 def _round_trip(root: str, cfg: StorageConfig | None = None) -> None:
-    storage.write_bytes(storage.join(root, "a", "x.png"), b"png", cfg)
-    storage.write_bytes(storage.join(root, "a", "y.TIF"), b"tif", cfg)
-    storage.write_bytes(storage.join(root, "b", "notes.txt"), b"txt", cfg)
-    storage.write_json(storage.join(root, "meta.json"), {"n": 3, "k": [1, 2]}, cfg)
-    assert storage.read_bytes(storage.join(root, "a", "x.png"), cfg) == b"png"
-    assert storage.read_json(storage.join(root, "meta.json"), cfg) == {"n": 3, "k": [1, 2]}
-    images = storage.list_files(root, cfg, [".png", ".tif"])
+    Store(cfg).write_bytes(storage.join(root, "a", "x.png"), b"png")
+    Store(cfg).write_bytes(storage.join(root, "a", "y.TIF"), b"tif")
+    Store(cfg).write_bytes(storage.join(root, "b", "notes.txt"), b"txt")
+    Store(cfg).write_json(storage.join(root, "meta.json"), {"n": 3, "k": [1, 2]})
+    assert Store(cfg).read_bytes(storage.join(root, "a", "x.png")) == b"png"
+    assert Store(cfg).read_json(storage.join(root, "meta.json")) == {"n": 3, "k": [1, 2]}
+    images = Store(cfg).list_files(root, [".png", ".tif"])
     assert [u.rsplit("/", 2)[-2:] for u in images] == [["a", "x.png"], ["a", "y.TIF"]]
-    assert len(storage.list_files(root, cfg)) == 4
-    assert storage.list_dirs(root, cfg) == ["a", "b"]
-    assert storage.exists(storage.join(root, "a", "x.png"), cfg)
-    assert not storage.exists(storage.join(root, "a", "nope.png"), cfg)
-    storage.check_readable(storage.join(root, "a"), cfg)  # a "directory" (S3: a prefix)
-    stream = storage.open_input(storage.join(root, "b", "notes.txt"), cfg)
+    assert len(Store(cfg).list_files(root)) == 4
+    assert Store(cfg).list_dirs(root) == ["a", "b"]
+    assert Store(cfg).exists(storage.join(root, "a", "x.png"))
+    assert not Store(cfg).exists(storage.join(root, "a", "nope.png"))
+    Store(cfg).check_readable(storage.join(root, "a"))  # a "directory" (S3: a prefix)
+    stream = Store(cfg).open_input(storage.join(root, "b", "notes.txt"))
     assert stream.read() == b"txt"
     stream.close()
-    assert storage.sha256_file(storage.join(root, "a", "x.png"), cfg) == storage.sha256_bytes(b"png")
-    storage.delete(storage.join(root, "b"), cfg)
-    assert storage.list_dirs(root, cfg) == ["a"]
+    assert Store(cfg).sha256_file(storage.join(root, "a", "x.png")) == storage.sha256_bytes(b"png")
+    Store(cfg).delete(storage.join(root, "b"))
+    assert Store(cfg).list_dirs(root) == ["a"]
 
 
 def test_local_round_trip_is_atomic(tmp_path):
     root = str(tmp_path / "store")
     _round_trip(root)
     assert not [p for p in os.listdir(os.path.join(root, "a")) if ".tmp-" in p]  # no temporary leftovers
-    assert storage.resolve("file://" + root).path == root
+    assert Store().resolve("file://" + root).path == root
     with pytest.raises(storage.StorageError, match="does not exist"):
-        storage.check_readable(str(tmp_path / "missing"))
+        Store().check_readable(str(tmp_path / "missing"))
     with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
-        storage.resolve("gs://bucket/x")
+        Store().resolve("gs://bucket/x")
 
 
 @pytest.mark.slow
 def test_s3_round_trip(s3_bucket):
     _round_trip(f"{s3_bucket}/data")
     with pytest.raises(storage.StorageError, match="does not exist"):
-        storage.check_readable(f"{s3_bucket}/absent/prefix")
+        Store().check_readable(f"{s3_bucket}/absent/prefix")
     with pytest.raises(storage.StorageError, match="bucket 'hd-missing-bucket' .* does not exist"):
-        storage.check_readable("s3://hd-missing-bucket/tiles")
+        Store().check_readable("s3://hd-missing-bucket/tiles")
     with pytest.raises(storage.StorageError, match="names no bucket"):
-        storage.resolve("s3://")
+        Store().resolve("s3://")
 
 
 def test_redact_replaces_every_known_secret(monkeypatch):
@@ -69,7 +70,7 @@ def test_redact_replaces_every_known_secret(monkeypatch):
 def test_wrong_credentials_error_is_clear_and_redacted(s3_bucket, monkeypatch):
     from moto import settings
 
-    storage.write_bytes(f"{s3_bucket}/tiles/a.png", b"x")
+    Store().write_bytes(f"{s3_bucket}/tiles/a.png", b"x")
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGKEY0000")
     # moto checks credentials only in its IAM mode; turn it on for this test alone.
@@ -81,7 +82,7 @@ def test_wrong_credentials_error_is_clear_and_redacted(s3_bucket, monkeypatch):
         assert secret not in str(info.value) and "AKIAWRONGKEY0000" not in str(info.value)
     cfg = StorageConfig(access_key_id="AKIACONFIGKEY", secret_access_key="config-secret-xyz")
     with pytest.raises(storage.StorageError) as info:
-        storage.read_bytes(f"{s3_bucket}/tiles/a.png", cfg)
+        Store(cfg).read_bytes(f"{s3_bucket}/tiles/a.png")
     assert "config-secret-xyz" not in str(info.value) and secret not in str(info.value)
 
 
@@ -90,7 +91,7 @@ def test_unreachable_endpoint_fails_within_seconds(s3_server):
     cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", connect_timeout_s=1, max_attempts=2)
     start = time.monotonic()
     with pytest.raises(storage.StorageError, match="unreachable; check storage.endpoint_url") as info:
-        storage.check_readable("s3://bucket/tiles", cfg)
+        Store(cfg).check_readable("s3://bucket/tiles")
     assert time.monotonic() - start < 10
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(info.value)
 
@@ -106,5 +107,5 @@ def test_silent_endpoint_times_out_within_seconds(s3_server):
                             request_timeout_s=1, max_attempts=1)
         start = time.monotonic()
         with pytest.raises(storage.StorageError, match="unreachable"):
-            storage.read_bytes("s3://bucket/tiles/a.png", cfg)
+            Store(cfg).read_bytes("s3://bucket/tiles/a.png")
         assert time.monotonic() - start < 15

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from histodiff.storage import Store
 from histodiff import submit
 from histodiff.config import ConfigError
 
@@ -105,7 +106,7 @@ def test_submit_runs_ingest_on_a_token_auth_cluster(ray_head, builtin_data, tmp_
     printed = capsys.readouterr().out
     assert code == 0, printed[-3000:]
     assert "submitted job" in printed and "SUCCEEDED" in printed
-    manifest = read_manifest(str(out / "shards" / "labeled"))
+    manifest = read_manifest(str(out / "shards" / "labeled"), Store())
     assert manifest.num_tiles > 0 and manifest.classes
     client = MlflowClient(tracking_uri=tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from histodiff.storage import Store
 from histodiff import sweep
 from histodiff.bench import guidance as toy
 from histodiff.config import ConfigError, _merge, config_from_dict, load_config, parse_overrides
@@ -108,7 +109,7 @@ def test_sweep_survives_a_failing_trial_nests_runs_and_resumes(ray_local, mlflow
     space.write_text("sweep:\n  synthetic_ratios: [1.0]\n")
     cfg = sweep.load_space(cfg, str(space))
 
-    def cheap_trial(trial_cfg):  # a closure, so Ray ships it by value to the trial workers
+    def cheap_trial(trial_cfg, parent_run_id):  # a closure, so Ray ships it by value to the trial workers
         threshold = trial_cfg.synthesis.selector.threshold
         if threshold == 0.8:
             raise RuntimeError("trial failed on purpose")
@@ -175,8 +176,8 @@ def test_sweep_runs_the_real_synthesis_and_evaluation_in_every_trial(ray_local, 
 
     for t in grid:
         trial_root = storage.join(cfg.paths.sweep, "trials", t["key"])
-        assert storage.exists(storage.join(trial_root, "synthetic", "accepted", "_manifest.json"))
-        assert storage.exists(storage.join(trial_root, "evaluation", "evaluation.json"))
+        assert Store().exists(storage.join(trial_root, "synthetic", "accepted", "_manifest.json"))
+        assert Store().exists(storage.join(trial_root, "evaluation", "evaluation.json"))
     values = heatmap_figure(result.trials).axes[0].images[0].get_array()
     assert values.shape == (2, 2) and not values.mask.any()  # four numbers, no "failed" cell
 
@@ -210,7 +211,7 @@ def test_sweep_command_exits_non_zero_when_every_synthetic_trial_failed(ray_loca
 
     preset.write_text(yaml.safe_dump(cfg.public_dict()))
 
-    def broken_trial(trial_cfg):  # a closure: Ray ships it by value into the trials
+    def broken_trial(trial_cfg, parent_run_id):  # a closure: Ray ships it by value into the trials
         raise RuntimeError(f"synthesis broke at threshold {trial_cfg.synthesis.selector.threshold}")
 
     monkeypatch.setattr(sweep, "synthesize_and_evaluate", broken_trial)

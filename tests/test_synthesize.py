@@ -12,13 +12,21 @@ from histodiff.bench import guidance as toy
 from histodiff.checkpoint import MODEL_META, model_meta
 from histodiff.config import ConfigError, load_config
 from histodiff.data import shards
+from histodiff.runner import run_stage
+from histodiff.stages import selector
+from histodiff.stages import synthesize as stage
+from histodiff.storage import Store
 
 
 @pytest.fixture(scope="module")
 def toy_cfg(tmp_path_factory):
     cfg = toy.write_toy_inputs(str(tmp_path_factory.mktemp("synth")))
-    synthesize.ensure_selector(cfg)
+    run_stage(selector, cfg)
     return cfg
+
+
+def _plan(cfg):
+    return stage.spec(cfg, Store()).plan
 
 
 def test_bad_settings_fail_with_one_clear_error(toy_cfg, tmp_path):
@@ -29,33 +37,34 @@ def test_bad_settings_fail_with_one_clear_error(toy_cfg, tmp_path):
     bad = toy_cfg.model_copy(deep=True)
     bad.synthesis.classes = ["A", "NOPE"]
     with pytest.raises(ValueError, match=r"\['NOPE'\] are not classes of the latent classifier"):
-        synthesize.check_inputs(bad)
+        stage.spec(bad, Store())
     # A classifier trained on another autoencoder's latents.
     import shutil
 
     other = str(tmp_path / "clf")
     shutil.copytree(toy_cfg.paths.classifier, other)
-    meta = model_meta(other)
-    storage.write_json(storage.join(other, MODEL_META), {**meta, "autoencoder_sha256": "f" * 64})
+    meta = model_meta(other, Store())
+    Store().write_json(storage.join(other, MODEL_META), {**meta, "autoencoder_sha256": "f" * 64})
     bad = toy_cfg.model_copy(deep=True)
     bad.paths.classifier = other
     with pytest.raises(ValueError, match="classifier .* was trained on latents of autoencoder ffffffffffff"):
-        synthesize.check_inputs(bad)
+        stage.spec(bad, Store())
     bad.paths.classifier = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="missing"):
-        synthesize.check_inputs(bad)
+        stage.spec(bad, Store())
 
 
 def test_work_items_are_deterministic_and_batch_independent(toy_cfg):
-    worker = synthesize.SynthesisWorker(toy_cfg.public_dict())
-    item = synthesize._items(toy_cfg, "B", 1)
+    plan = _plan(toy_cfg)
+    worker = synthesize.SynthesisWorker(plan, Store(), use_gpu=False)
+    item = synthesize.work_item(plan, "B", 1)
     assert item["indices"] == [4, 5, 6, 7]
     a, b = worker.generate(item), worker.generate(item)
     assert np.array_equal(a["tiles"], b["tiles"]) and np.array_equal(a["score"], b["score"])
     # Tile 6 alone gives (nearly) the same pixels as inside its batch: it depends on its own seed only.
     single = worker.generate({**item, "indices": [6], "seeds": [item["seeds"][2]]})
     assert np.abs(single["tiles"][0].astype(int) - a["tiles"][2].astype(int)).max() <= 1
-    other = worker.generate(synthesize._items(toy_cfg, "B", 2))
+    other = worker.generate(synthesize.work_item(plan, "B", 2))
     assert not np.array_equal(other["tiles"], a["tiles"])
     assert synthesize.tile_seed(0, "B", 6) == item["seeds"][2] != synthesize.tile_seed(1, "B", 6)
 
@@ -64,12 +73,12 @@ def test_work_items_are_deterministic_and_batch_independent(toy_cfg):
 def test_synthesis_writes_shards_lineage_report_and_skips(ray_local, toy_cfg):
     cfg = toy_cfg.model_copy(deep=True)
     cfg.synthesis.num_actors = 2
-    result = synthesize.run(cfg)
-    loc = storage.resolve(result.lineage_uri)
+    result = run_stage(stage, cfg)
+    loc = Store().resolve(result.lineage_uri)
     lineage = pq.read_table(loc.path, filesystem=loc.fs).to_pylist()
     # One lineage row per generated tile, accepted or not.
     assert len(lineage) == sum(result.generated.values()) > 0
-    metas = {k: model_meta(getattr(cfg.paths, k))["sha256"] for k in ("denoiser", "autoencoder", "classifier")}
+    metas = {k: model_meta(getattr(cfg.paths, k), Store())["sha256"] for k in ("denoiser", "autoencoder", "classifier")}
     for row in lineage:
         assert row["denoiser_sha256"] == metas["denoiser"] and row["classifier_sha256"] == metas["classifier"]
         assert row["autoencoder_sha256"] == metas["autoencoder"] and len(row["selector_sha256"]) == 64
@@ -81,25 +90,25 @@ def test_synthesis_writes_shards_lineage_report_and_skips(ray_local, toy_cfg):
         assert accepted == result.accepted[c] <= cfg.synthesis.accepted_per_class
         # Stops as soon as the quota is met, otherwise spends the whole budget.
         assert accepted == cfg.synthesis.accepted_per_class or len(rows) == cfg.synthesis.max_samples_per_class
-    manifest = shards.read_manifest(result.accepted_uri)
-    table = shards.read_table(result.accepted_uri).to_pylist()
+    manifest = shards.read_manifest(result.accepted_uri, Store())
+    table = shards.read_table(result.accepted_uri, Store()).to_pylist()
     assert manifest.num_tiles == len(table) == sum(r["accepted"] for r in lineage)
     assert {r["source"] for r in table} == {r["tile_id"] for r in lineage if r["accepted"]}
     assert all(r["dataset"] == "synthetic" and r["width"] == 8 for r in table)
     by_id = {r["tile_id"]: r for r in lineage}
     assert all(by_id[r["source"]]["class"] == r["label"] for r in table)
-    report = storage.read_json(storage.join(cfg.paths.synthetic, synthesize.REPORT))
+    report = Store().read_json(storage.join(cfg.paths.synthetic, stage.REPORT))
     assert {c: r["generated"] for c, r in report.items()} == result.generated
     assert all(sum(r["score_histogram"]) == r["generated"] for r in report.values())
     # Same seed, same tiles: the Ray actors' tiles match a local worker's for the same work item.
-    worker = synthesize.SynthesisWorker(cfg.public_dict())
+    worker = synthesize.SynthesisWorker(_plan(cfg), Store(), use_gpu=False)
     first = [r for r in table if by_id[r["source"]]["batch"] == 0]
     if first:
         row = first[0]
-        local = worker.generate(synthesize._items(cfg, row["label"], 0))
+        local = worker.generate(synthesize.work_item(_plan(cfg), row["label"], 0))
         index = int(row["source"].rsplit("-", 1)[1])
         ray_tile = shards.decode_png(row["image"]).astype(int)
         # Same pixels up to float reductions that differ with the thread count of the process.
         assert np.abs(local["tiles"][index].astype(int) - ray_tile).max() <= 1
-    again = synthesize.run(cfg)
+    again = run_stage(stage, cfg)
     assert again.skipped and again.accepted == result.accepted

@@ -14,6 +14,7 @@ import pytest
 from histodiff import checkpoint, registry, tracking
 from histodiff.config import load_config
 from histodiff.runtime import worker_env
+from histodiff.storage import Store
 
 SECRET = "hd-secret-value-NEVER-LOG-4242"
 
@@ -42,14 +43,13 @@ def test_parent_and_nested_runs_hold_params_metrics_artifacts_and_no_secrets(mlf
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", SECRET + "-token")
     cfg = _cfg(mlflow_server, **{"storage.secret_access_key": SECRET + "-cfg", "storage.access_key_id": "AKIAEXAMPLE"})
     with tracking.parent_run(cfg, "pipeline") as parent:
-        assert os.environ[tracking.PARENT_RUN_ENV] == parent.run_id
-        with tracking.stage_run(cfg, "ingest", params={"leaky": f"key={SECRET}"}) as stage:
+        with tracking.stage_run(cfg, "ingest", params={"leaky": f"key={SECRET}", "denoiser.steps": 7},
+                                parent_run_id=parent.run_id) as stage:
             for step in range(12):
                 stage.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
             stage.set_tags({"note": f"uses {SECRET}"})
             stage.log_dict({"env": dict(os.environ)}, "env.json")
             stage.log_text(f"token {SECRET}-token", "notes.txt")
-    assert tracking.PARENT_RUN_ENV not in os.environ
     client = _client(mlflow_server)
     runs = {r.data.tags["histodiff.stage"]: r for r in _runs(cfg)}
     assert set(runs) == {"pipeline", "ingest"}
@@ -57,7 +57,8 @@ def test_parent_and_nested_runs_hold_params_metrics_artifacts_and_no_secrets(mlf
     assert {r.info.status for r in runs.values()} == {"FINISHED"}
     history = client.get_metric_history(runs["ingest"].info.run_id, "loss")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(12))
-    assert runs["ingest"].data.params["denoiser.steps"] == str(cfg.denoiser.steps)
+    assert runs["ingest"].data.params["denoiser.steps"] == "7"  # a stage run holds the params it was given
+    assert runs["pipeline"].data.params["denoiser.steps"] == str(cfg.denoiser.steps)  # the parent: the config
     # No secret anywhere: params, tags, or the artifacts logged through the tracker.
     texts = []
     for run in runs.values():
@@ -121,11 +122,15 @@ def test_a_dead_server_is_reported_and_never_raises(caplog):
     assert any("unreachable" in r.getMessage() or "failed" in r.getMessage() for r in caplog.records)
 
 
-def test_worker_env_carries_the_tracking_uri(tmp_path):
-    cfg = load_config("tiny", [f"tracking.tracking_uri=sqlite:///{tmp_path}/x.db"])
-    assert worker_env(cfg)["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/x.db"
-    rel = load_config("tiny", ["tracking.tracking_uri=sqlite:///rel.db"])
-    assert worker_env(rel)["MLFLOW_TRACKING_URI"] == "sqlite:///" + os.path.abspath("rel.db")
+def test_worker_env_carries_settings_and_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA" + SECRET)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", SECRET)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    env = worker_env(None, f"sqlite:///{tmp_path}/x.db")
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/x.db" and env["AWS_REGION"] == "eu-west-1"
+    assert worker_env(None, "sqlite:///rel.db")["MLFLOW_TRACKING_URI"] == "sqlite:///" + os.path.abspath("rel.db")
+    assert SECRET not in json.dumps(env)  # Ray logs runtime_env: credentials never go through it
 
 
 def test_result_metrics_flattens_numbers_only():
@@ -152,12 +157,13 @@ def test_exported_denoiser_is_registered_as_champion_and_loads_back(mlflow_serve
     model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
                         layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
                         up_block_types=("UpBlock2D", "UpBlock2D"))
-    sha = checkpoint.export_model(model, cfg.paths.denoiser, {"kind": "denoiser"})
+    store = Store()
+    sha = checkpoint.export_model(model, cfg.paths.denoiser, {"kind": "denoiser"}, store)
     with tracking.stage_run(cfg, "pretrain") as tracker:
-        first = registry.register_export(cfg, tracker, "denoiser", cfg.paths.denoiser)
-        again = registry.register_export(cfg, tracker, "denoiser", cfg.paths.denoiser)
+        first = registry.register_export(cfg.tracking, store, tracker, "denoiser", cfg.paths.denoiser)
+        again = registry.register_export(cfg.tracking, store, tracker, "denoiser", cfg.paths.denoiser)
     assert first is not None and first.bundled and first.sha256 == sha and again is None
-    name = registry.registered_name(cfg, "denoiser")
+    name = registry.registered_name(cfg.tracking, "denoiser")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # what a user of the registry sets
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     assert loaded.predict(None)["sha256"] == sha
@@ -170,10 +176,10 @@ def test_exported_denoiser_is_registered_as_champion_and_loads_back(mlflow_serve
     model2 = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
                          layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
                          up_block_types=("UpBlock2D", "UpBlock2D"))
-    sha2 = checkpoint.export_model(model2, cfg.paths.denoiser, {"kind": "denoiser"})
+    sha2 = checkpoint.export_model(model2, cfg.paths.denoiser, {"kind": "denoiser"}, store)
     big = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"max_model_upload_mb": 0.0})})
     with tracking.stage_run(big, "pretrain") as tracker:
-        second = registry.register_export(big, tracker, "denoiser", big.paths.denoiser)
+        second = registry.register_export(big.tracking, store, tracker, "denoiser", big.paths.denoiser)
     assert second is not None and not second.bundled and second.version == "2"
     files = [f.path for f in _client(mlflow_server).list_artifacts(tracker.run_id, "models/denoiser/artifacts")]
     assert files == ["models/denoiser/artifacts/pointer.json"]
@@ -195,9 +201,9 @@ def test_champion_denoiser_loads_onto_cuda_and_runs_in_bf16(tmp_path, monkeypatc
     model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
                         layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
                         up_block_types=("UpBlock2D", "UpBlock2D"))
-    checkpoint.export_model(model, cfg.paths.denoiser, {"kind": "denoiser"})
+    checkpoint.export_model(model, cfg.paths.denoiser, {"kind": "denoiser"}, Store())
     with tracking.stage_run(cfg, "pretrain") as tracker:
-        assert registry.register_export(cfg, tracker, "denoiser", cfg.paths.denoiser) is not None
+        assert registry.register_export(cfg.tracking, Store(), tracker, "denoiser", cfg.paths.denoiser) is not None
     unet = registry.load_champion(cfg, "denoiser").unwrap_python_model().load_torch().cuda()
     device = torch.device("cuda")
     x = torch.randn(4, 3, 8, 8, device=device)

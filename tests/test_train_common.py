@@ -12,6 +12,7 @@ import torch
 
 from histodiff import checkpoint as ckpt
 from histodiff.config import load_config
+from histodiff.storage import Store
 from histodiff.train import common
 
 
@@ -112,25 +113,31 @@ def test_list_complete_checkpoints_ignores_partial_and_foreign_dirs(tmp_path):
 def test_storage_path_is_absolute_locally_and_bucket_relative_on_s3(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config("tiny", ["paths.checkpoints=rel/ck", "name=x"])
-    path, fs, uri = common.storage_path_and_fs(cfg)
+    path, fs, uri = common.storage_path_and_fs(cfg.paths.checkpoints, Store())
     assert fs is None and path == str(tmp_path / "rel" / "ck") == uri
-    assert common.run_uri(cfg, "pretrain") == str(tmp_path / "rel" / "ck" / "x-pretrain")
-    cfg = load_config("tiny", ["paths.checkpoints=s3://bucket/pre/fix", "storage.endpoint_url=http://127.0.0.1:1"])
-    path, fs, uri = common.storage_path_and_fs(cfg)
+    store = Store(load_config("tiny", ["storage.endpoint_url=http://127.0.0.1:1"]).storage)
+    path, fs, uri = common.storage_path_and_fs("s3://bucket/pre/fix", store)
     assert path == "bucket/pre/fix" and isinstance(fs, pafs.S3FileSystem)
     with pytest.raises(ValueError, match="names no bucket"):
-        common.storage_path_and_fs(load_config("tiny", ["paths.checkpoints=s3://"]))
+        common.storage_path_and_fs("s3://", store)
+
+
+def _ctx(cfg):
+    from histodiff.runner import Context
+
+    return Context(Store(cfg.storage), cfg.ray, name=cfg.name, checkpoints_uri=cfg.paths.checkpoints)
 
 
 def test_build_trainer_maps_the_config(tmp_path):
     cfg = load_config("tiny", [f"paths.root={tmp_path}", "name=unit", "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.threads_per_worker=1",
                                "ray.max_failures=3", "ray.checkpoints_to_keep=4"])
-    trainer = common.build_trainer(cfg, lambda c: None, {"a": 1}, "stage")
+    trainer = common.build_trainer(_ctx(cfg), lambda c: None, {"a": 1}, "unit-stage")
     rc, sc = trainer.run_config, trainer.scaling_config
     assert rc.name == "unit-stage" and rc.storage_path == str(tmp_path / "checkpoints")
     assert rc.failure_config.max_failures == 3 and rc.checkpoint_config.num_to_keep == 4
     assert sc.num_workers == 2 and sc.resources_per_worker == {"CPU": 0.5} and not sc.use_gpu
     assert trainer.train_loop_config["a"] == 1 and trainer.train_loop_config["upload_attempts"] == 5
+    assert trainer.train_loop_config["threads_per_worker"] == 1 and trainer.train_loop_config["callbacks"] == ()
 
 
 def test_helpers_are_no_ops_outside_ray(tmp_path):
@@ -154,16 +161,16 @@ def test_rank0_checkpoints_resume_past_a_partial_one(ray_local, tmp_path):
 
     cfg = load_config("tiny", [f"paths.root={tmp_path}", "name=unit", "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.threads_per_worker=1",
                                "tracking.enabled=false"])
-    result = common.build_trainer(cfg, _loop, {"n": 3}, "common").fit()
+    result = common.build_trainer(_ctx(cfg), _loop, {"n": 3}, "unit-common").fit()
     assert result.metrics["step"] == 3
-    assert common.completed_steps(cfg, "common") == [2, 3]  # num_to_keep=2
-    run = common.run_uri(cfg, "common")
+    assert common.completed_steps(cfg.paths.checkpoints, "unit-common", Store()) == [2, 3]  # num_to_keep=2
+    run = os.path.join(cfg.paths.checkpoints, "unit-common")
     tensors, state = ckpt.load_checkpoint(os.path.join(run, common.checkpoint_dir_name(3)))
     assert state["rank"] == 0 and torch.equal(tensors["model"]["w"], torch.full((3,), 30.0))
     # A newer, half-written checkpoint (no COMPLETE) must be ignored on resume.
     partial = _local_checkpoint(os.path.join(run, common.checkpoint_dir_name(9)), 9)
     os.remove(os.path.join(partial, ckpt.COMPLETE))
-    result = common.build_trainer(cfg, _loop, {"n": 2}, "common").fit()
+    result = common.build_trainer(_ctx(cfg), _loop, {"n": 2}, "unit-common").fit()
     assert result.metrics["step"] == 5
     final = json.load(open(os.path.join(run, common.checkpoint_dir_name(5), ckpt.STATE)))
     assert final["start"] == 3

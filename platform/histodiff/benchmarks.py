@@ -14,7 +14,7 @@ import os
 import pkgutil
 from pathlib import Path
 
-from histodiff import storage
+from histodiff.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def merge_into(output: str, figures: dict[str, dict]) -> None:
     """Merge ``figures`` into the JSON file ``output`` (read, update, atomic write)."""
     results = json.loads(Path(output).read_text()) if os.path.isfile(output) else {}
     results.update(figures)
-    storage.write_bytes(output, (json.dumps(results, indent=2, sort_keys=True) + "\n").encode())
+    Store().write_bytes(output, (json.dumps(results, indent=2, sort_keys=True) + "\n").encode())
 
 
 def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_work") -> dict[str, dict]:

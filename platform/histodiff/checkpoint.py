@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from histodiff import storage
-from histodiff.config import StorageConfig
+from histodiff.storage import Store, is_s3, join, sha256_bytes
 
 COMPLETE = "COMPLETE"
 STATE = "state.json"
@@ -91,7 +90,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 MODEL_META = "histodiff.json"
 
 
-def export_model(model: Any, uri: str, meta: dict[str, Any], cfg: StorageConfig | None = None) -> str:
+def export_model(model: Any, uri: str, meta: dict[str, Any], store: Store) -> str:
     """Save a diffusers-style model (save_pretrained, safetensors) to a URI; return its sha256.
 
     ``meta`` (kind, config hashes ...) is written beside it with the weights' hash, last,
@@ -100,34 +99,31 @@ def export_model(model: Any, uri: str, meta: dict[str, Any], cfg: StorageConfig 
     import tempfile
 
     # An older export here must stop looking complete before its weights are overwritten.
-    storage.delete(storage.join(uri, MODEL_META), cfg)
+    store.delete(join(uri, MODEL_META))
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         weights = sorted(n for n in os.listdir(tmp) if n.endswith(".safetensors"))
-        digest = storage.sha256_bytes(b"".join(open(os.path.join(tmp, n), "rb").read() for n in weights))
-        storage.upload_dir(tmp, uri, cfg)
-    storage.write_json(storage.join(uri, MODEL_META), {**meta, "sha256": digest}, cfg)
+        digest = sha256_bytes(b"".join(open(os.path.join(tmp, n), "rb").read() for n in weights))
+        store.upload_dir(tmp, uri)
+    store.write_json(join(uri, MODEL_META), {**meta, "sha256": digest})
     return digest
 
 
-def model_meta(uri: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
-    """Return the metadata of an exported model, or raise if the export is incomplete."""
-    meta_uri = storage.join(uri, MODEL_META)
-    if not storage.exists(meta_uri, cfg):
-        raise FileNotFoundError(f"no complete model at {uri!r} (missing {MODEL_META}); run the stage that makes it")
-    return storage.read_json(meta_uri, cfg)
+def model_meta(uri: str, store: Store, stage: str = "the stage that makes it") -> dict[str, Any]:
+    """Return the metadata of an exported model, or raise naming the stage to run if the export is incomplete."""
+    meta_uri = join(uri, MODEL_META)
+    if not store.exists(meta_uri):
+        raise FileNotFoundError(f"no complete model at {uri!r} (missing {MODEL_META}); run {stage} first")
+    return store.read_json(meta_uri)
 
 
-def load_exported(model_cls: Any, uri: str, cfg: StorageConfig | None = None) -> tuple[Any, dict[str, Any]]:
+def load_exported(model_cls: Any, uri: str, store: Store) -> tuple[Any, dict[str, Any]]:
     """Return (model, meta) for a model written by :func:`export_model` (safetensors only)."""
     import tempfile
 
-    meta = model_meta(uri, cfg)
-    if storage.is_s3(uri):
-        tmp = tempfile.mkdtemp(prefix="histodiff-model-")
-        local = storage.download_dir(uri, tmp, cfg)
-    else:
-        local = storage.resolve(uri, cfg).path
+    meta = model_meta(uri, store)
+    local = store.download_dir(uri, tempfile.mkdtemp(prefix="histodiff-model-")) if is_s3(uri) else \
+        store.resolve(uri).path
     model = model_cls.from_pretrained(local, use_safetensors=True)
     model.eval()
     return model, meta

@@ -16,7 +16,9 @@ from typing import Any
 
 from histodiff.config import ConfigError, HistodiffConfig, load_config
 from histodiff.runtime import setup_logging
-from histodiff.stages import STAGES
+
+# Stage names without importing the stages (torch, Ray): the parser must answer in well under a second.
+STAGE_NAMES = ("ingest", "autoencoder", "encode", "pretrain", "classifier", "selector", "synthesize", "evaluate")
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,9 @@ def _print_result(result: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run one stage or the pipeline locally; return the exit code."""
-    from histodiff.pipeline import run_pipeline, run_stage
+    from histodiff.pipeline import run_pipeline
+    from histodiff.runner import run_stage
+    from histodiff.stages import by_name
 
     cfg = load_config(args.config, args.overrides)
     if args.stage == "pipeline":
@@ -48,8 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             _print_result(stage_result)
         print(mlflow_hint(cfg, result.parent_run_id))
     else:
-        result, _ = run_stage(cfg, args.stage)
-        _print_result(result)
+        _print_result(run_stage(by_name(args.stage), cfg))
     return 0
 
 
@@ -84,12 +87,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"{name:<12} {seconds:8.1f} s")
     evaluation = result.stages.get("evaluate")
     if evaluation is not None:
-        try:
-            from histodiff.evaluate.downstream import format_table
-
-            print(format_table(evaluation))
-        except (ImportError, AttributeError, KeyError):
-            _print_result(evaluation)
+        print(evaluation.table())
     print(mlflow_hint(cfg, result.parent_run_id))
     return 0
 
@@ -132,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``histodiff`` command."""
     parser = argparse.ArgumentParser(prog="histodiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    stages = [*STAGES, "pipeline"]
+    stages = [*STAGE_NAMES, "pipeline"]
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", default="tiny", help="preset name (tiny, paper) or a YAML path")

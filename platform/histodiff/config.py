@@ -161,6 +161,8 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, ge=0, lt=1)
     label_fraction: float | None = Field(None, gt=0, le=1)
     labels_per_class: int | None = Field(None, ge=1)
+    label_draw: int = Field(0, ge=0, description="which draw of the label budget from the labeled pool (0: the "
+                                                 "first); validation and test tiles are the same for every draw")
 
     @model_validator(mode="after")
     def _budget(self) -> "DataConfig":

@@ -33,11 +33,11 @@ class ExportedModel(mlflow.pyfunc.PythonModel):
         if "export" in artifacts:
             self.model_dir = artifacts["export"]
         else:
-            from histodiff import storage  # pointer mode reads storage: needs histodiff installed
+            from histodiff.storage import Store  # pointer mode reads storage: needs histodiff installed
 
             with open(artifacts["pointer"]) as f:
                 pointer = json.load(f)
-            self.model_dir = storage.download_dir(pointer["uri"], os.path.join(os.path.dirname(artifacts["pointer"]),
+            self.model_dir = Store().download_dir(pointer["uri"], os.path.join(os.path.dirname(artifacts["pointer"]),
                                                                                "export"))
         with open(os.path.join(self.model_dir, "histodiff.json")) as f:
             self.meta = json.load(f)

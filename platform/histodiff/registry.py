@@ -17,19 +17,13 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from histodiff import checkpoint, storage
-from histodiff.config import HistodiffConfig
+from histodiff import checkpoint
+from histodiff.config import HistodiffConfig, TrackingConfig
+from histodiff.storage import Store
 from histodiff.tracking import Tracker, scrub
 
 log = logging.getLogger(__name__)
 
-# model kind -> the paths.<field> holding its export, and the stage that writes it.
-MODEL_KINDS: dict[str, tuple[str, str]] = {
-    "autoencoder": ("autoencoder", "autoencoder"),
-    "denoiser": ("denoiser", "pretrain"),
-    "latent-classifier": ("classifier", "classifier"),
-    "selector": ("selector", "synthesize"),
-}
 _REQUIREMENTS = ("torch", "diffusers", "timm", "safetensors", "pyarrow", "mlflow")
 
 
@@ -44,9 +38,9 @@ class RegisteredModel:
     bundled: bool
 
 
-def registered_name(cfg: HistodiffConfig, kind: str) -> str:
+def registered_name(tracking_cfg: TrackingConfig, kind: str) -> str:
     """Return the registry name of a model kind, e.g. ``histodiff-denoiser``."""
-    return f"{cfg.tracking.registry_prefix}-{kind}"
+    return f"{tracking_cfg.registry_prefix}-{kind}"
 
 
 def pip_requirements() -> list[str]:
@@ -71,38 +65,40 @@ def _champion_sha(client, name: str, alias: str) -> str | None:
         return None
 
 
-def register_export(cfg: HistodiffConfig, tracker: Tracker, kind: str, uri: str) -> RegisteredModel | None:
+def register_export(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker, kind: str,
+                    uri: str) -> RegisteredModel | None:
     """Log one export as a pyfunc model in the tracker's run and alias it champion; return it.
 
     Returns None when tracking or registration is off, the export is incomplete, the same
     sha256 is already champion, or MLflow fails (reported, never raised).
     """
-    if not (tracker.active and cfg.tracking.register_models):
+    if not (tracker.active and tracking_cfg.register_models):
         return None
-    if not storage.exists(storage.join(uri, checkpoint.MODEL_META), cfg.storage):
+    try:
+        meta = checkpoint.model_meta(uri, store)
+    except FileNotFoundError:
         return None
-    meta = checkpoint.model_meta(uri, cfg.storage)
-    name = registered_name(cfg, kind)
-    alias = cfg.tracking.champion_alias
+    name = registered_name(tracking_cfg, kind)
+    alias = tracking_cfg.champion_alias
     sha = str(meta.get("sha256", ""))
     if sha and _champion_sha(tracker.client, name, alias) == sha:
         log.info("%s@%s already holds sha256 %s; not registering again", name, alias, sha[:12])
         return None
     try:
-        return _register(cfg, tracker, kind, uri, meta, name, alias, sha)
+        return _register(tracking_cfg, store, tracker, kind, uri, meta, name, alias, sha)
     except Exception as exc:  # the registry must never fail a finished stage
         log.warning("registering %s from %s failed: %s", name, scrub(uri), scrub(exc)[:300])
         return None
 
 
-def _register(cfg: HistodiffConfig, tracker: Tracker, kind: str, uri: str, meta: dict, name: str,
-              alias: str, sha: str) -> RegisteredModel:
+def _register(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker, kind: str, uri: str, meta: dict,
+              name: str, alias: str, sha: str) -> RegisteredModel:
     import mlflow.pyfunc
 
     client = tracker.client
     with tempfile.TemporaryDirectory(prefix="histodiff-register-") as tmp:
-        local = storage.download_dir(uri, os.path.join(tmp, "export"), cfg.storage)
-        bundled = _export_size_mb(local) <= cfg.tracking.max_model_upload_mb
+        local = store.download_dir(uri, os.path.join(tmp, "export"))
+        bundled = _export_size_mb(local) <= tracking_cfg.max_model_upload_mb
         if bundled:
             artifacts = {"export": local}
         else:
@@ -135,17 +131,6 @@ def _register(cfg: HistodiffConfig, tracker: Tracker, kind: str, uri: str, meta:
     return RegisteredModel(name, str(version.version), sha, uri, bundled)
 
 
-def register_stage_models(cfg: HistodiffConfig, tracker: Tracker, stage: str) -> list[RegisteredModel]:
-    """Register every model the given stage exports; return the new versions."""
-    out = []
-    for kind, (path_field, owner) in MODEL_KINDS.items():
-        if owner == stage:
-            registered = register_export(cfg, tracker, kind, getattr(cfg.paths, path_field))
-            if registered:
-                out.append(registered)
-    return out
-
-
 def load_champion(cfg: HistodiffConfig, kind: str):
     """Return the pyfunc model registered as ``<prefix>-<kind>@<champion alias>``."""
     import mlflow.artifacts
@@ -155,5 +140,6 @@ def load_champion(cfg: HistodiffConfig, kind: str):
 
     uri = _mlflow_ready(cfg)
     local = mlflow.artifacts.download_artifacts(
-        f"models:/{registered_name(cfg, kind)}@{cfg.tracking.champion_alias}", tracking_uri=uri, registry_uri=uri)
+        f"models:/{registered_name(cfg.tracking, kind)}@{cfg.tracking.champion_alias}", tracking_uri=uri,
+        registry_uri=uri)
     return mlflow.pyfunc.load_model(local)

@@ -10,26 +10,22 @@ import logging
 import os
 from typing import Any
 
-from histodiff.config import HistodiffConfig
+from histodiff.config import HistodiffConfig, StorageConfig
 
 log = logging.getLogger(__name__)
 
-# Settings that must reach Ray workers for storage and tracking to work there.
-PROPAGATED_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
+# Settings (never secrets) that Ray workers need for storage and tracking. Credentials are not
+# passed this way: Ray writes runtime_env into its logs. Workers take them from their node's own
+# environment (an embedded local Ray inherits the driver's; a cluster's nodes carry a secret or
+# an instance role) or from storage.* settings the user put in the config.
+SETTINGS_ENV = (
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_EC2_METADATA_DISABLED",
     "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_S3_ENDPOINT_URL",
-    "HISTODIFF_FAULT_INJECT",
 )
 
 
@@ -40,13 +36,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def worker_env(cfg: HistodiffConfig | None = None) -> dict[str, str]:
-    """Return the environment variables that Ray workers need (storage, tracking)."""
-    env = {k: os.environ[k] for k in PROPAGATED_ENV if os.environ.get(k)}
-    if cfg is not None and cfg.tracking.enabled:
-        env.setdefault("MLFLOW_TRACKING_URI", absolute_tracking_uri(cfg.tracking.tracking_uri))
-    if cfg is not None and cfg.storage.endpoint_url:
-        env.setdefault("AWS_ENDPOINT_URL_S3", cfg.storage.endpoint_url)
+def worker_env(storage_cfg: StorageConfig | None = None, tracking_uri: str | None = None) -> dict[str, str]:
+    """Return the environment settings (no secrets) that Ray workers need for storage and tracking."""
+    env = {k: os.environ[k] for k in SETTINGS_ENV if os.environ.get(k)}
+    if tracking_uri:
+        env.setdefault("MLFLOW_TRACKING_URI", absolute_tracking_uri(tracking_uri))
+    if storage_cfg is not None and storage_cfg.endpoint_url:
+        env.setdefault("AWS_ENDPOINT_URL_S3", storage_cfg.endpoint_url)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
@@ -65,7 +61,7 @@ def init_ray(cfg: HistodiffConfig, **extra: Any) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": worker_env(cfg)}
+    runtime_env = {"env_vars": worker_env(cfg.storage, cfg.tracking.tracking_uri if cfg.tracking.enabled else None)}
     if cfg.ray.address:
         log.info("connecting to Ray at %s", cfg.ray.address)
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True, **extra)
@@ -80,12 +76,12 @@ def init_ray(cfg: HistodiffConfig, **extra: Any) -> None:
     )
 
 
-def set_worker_threads(cfg: HistodiffConfig) -> None:
-    """Give a CPU training worker ``ray.threads_per_worker`` torch threads (Ray's default: its CPUs)."""
-    if cfg.ray.threads_per_worker and not cfg.ray.use_gpu:
+def set_worker_threads(threads: int | None) -> None:
+    """Give a CPU training worker ``threads`` torch threads (None: Ray's default, its CPUs)."""
+    if threads:
         import torch
 
-        torch.set_num_threads(cfg.ray.threads_per_worker)
+        torch.set_num_threads(threads)
 
 
 def prefetch_batches(device: Any) -> int:

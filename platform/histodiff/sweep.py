@@ -13,19 +13,19 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import yaml
 
-from histodiff import storage, tracking
+from histodiff import tracking
 from histodiff.config import ConfigError, HistodiffConfig, SweepConfig, config_from_dict
+from histodiff.storage import Store, is_s3, join
 from histodiff.sweep_report import recommend, write_report
 
 log = logging.getLogger(__name__)
 
-TrialFn = Callable[[HistodiffConfig], dict[str, float]]
+TrialFn = Callable[[HistodiffConfig, "str | None"], dict[str, float]]
 NO_SYNTHETIC = {"guidance_scale": None, "threshold": None, "synthetic_ratio": 0.0}
 # The trial's own process mostly waits on the Ray actors and tasks it starts.
 TRIAL_DRIVER_CPU = 0.5
@@ -88,9 +88,9 @@ def point_key(point: dict[str, Any]) -> str:
 def trial_config(cfg: HistodiffConfig, point: dict[str, Any]) -> HistodiffConfig:
     """Return the config of one trial: the point's settings and its own output paths."""
     data = cfg.public_dict()
-    root = storage.join(cfg.paths.sweep, "trials", point_key(point))
-    data["paths"].update(synthetic=storage.join(root, "synthetic"), evaluation=storage.join(root, "evaluation"),
-                         checkpoints=storage.join(root, "checkpoints"))
+    root = join(cfg.paths.sweep, "trials", point_key(point))
+    data["paths"].update(synthetic=join(root, "synthetic"), evaluation=join(root, "evaluation"),
+                         checkpoints=join(root, "checkpoints"))
     data["evaluation"]["synthetic_ratio"] = float(point["synthetic_ratio"] or 0.0)
     if point.get("guidance_scale") is not None:
         data["synthesis"]["guidance_scale"] = float(point["guidance_scale"])
@@ -115,12 +115,13 @@ def gains_from_evaluation(result: Any) -> dict[str, float]:
             "val_baseline": sum(base.values()) / len(base)}
 
 
-def synthesize_and_evaluate(cfg: HistodiffConfig) -> dict[str, float]:
-    """Run synthesis then evaluation for one trial config; return its gains."""
-    from histodiff.stages import get_stage
+def synthesize_and_evaluate(cfg: HistodiffConfig, parent_run_id: str | None) -> dict[str, float]:
+    """Run synthesis then evaluation for one trial config (their runs nested in the trial's); return its gains."""
+    from histodiff.runner import run_stage
+    from histodiff.stages import evaluate, synthesize
 
-    get_stage("synthesize")(cfg)
-    return gains_from_evaluation(get_stage("evaluate")(cfg))
+    run_stage(synthesize, cfg, parent_run_id=parent_run_id)
+    return gains_from_evaluation(run_stage(evaluate, cfg, parent_run_id=parent_run_id))
 
 
 def _trial(config: dict[str, Any], base: dict[str, Any], parent_run_id: str | None, trial_fn: TrialFn) -> None:
@@ -135,15 +136,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], parent_run_id: str | No
         if not point.get("synthetic_ratio"):
             gains = {"val_gain": 0.0, "test_gain": 0.0}  # real-only against itself: no training needed
         else:
-            previous = os.environ.get(tracking.PARENT_RUN_ENV)
-            if tracker.active:  # the stages' runs nest under this trial
-                os.environ[tracking.PARENT_RUN_ENV] = tracker.run_id
-            try:
-                gains = trial_fn(cfg)
-            finally:
-                os.environ.pop(tracking.PARENT_RUN_ENV, None)
-                if previous is not None:
-                    os.environ[tracking.PARENT_RUN_ENV] = previous
+            gains = trial_fn(cfg, tracker.run_id)
         tracker.log_metrics(gains)
     tune.report({**gains, "key": point_key(point)})
 
@@ -233,22 +226,25 @@ def run(cfg: HistodiffConfig, trial_fn: TrialFn | None = None) -> SweepResult:
 
     if not cfg.sweep.guidance_scales or not cfg.sweep.thresholds:
         raise ConfigError("sweep.guidance_scales and sweep.thresholds need at least one value each")
-    loc = storage.resolve(cfg.paths.sweep, cfg.storage)
-    fs = loc.fs if storage.is_s3(cfg.paths.sweep) else None
-    storage.makedirs(cfg.paths.sweep, cfg.storage)
-    parent_file = storage.join(cfg.paths.sweep, "parent_run.json")
-    previous = storage.read_json(parent_file, cfg.storage) if storage.exists(parent_file, cfg.storage) else {}
+    store = Store(cfg.storage)
+    loc = store.resolve(cfg.paths.sweep)
+    fs = loc.fs if is_s3(cfg.paths.sweep) else None
+    store.makedirs(cfg.paths.sweep)
+    parent_file = join(cfg.paths.sweep, "parent_run.json")
+    previous = store.read_json(parent_file) if store.exists(parent_file) else {}
     init_ray(cfg)
     concurrent = max_concurrent(cfg)  # before any work: a trial that cannot fit is a config error
-    if trial_fn is None:
-        # Trials share the selector (the threshold is not part of it): train it once, here,
-        # rather than in several concurrent trials writing the same path.
-        from histodiff.augment.synthesize import ensure_selector
-
-        ensure_selector(cfg)
     with tracking.parent_run(cfg, "sweep", resume_run_id=previous.get("run_id")) as parent:
         if parent.active:
-            storage.write_json(parent_file, {"run_id": parent.run_id}, cfg.storage)
+            store.write_json(parent_file, {"run_id": parent.run_id})
+        if trial_fn is None:
+            # Trials share the selector (the threshold is not part of it): it is a stage of its own,
+            # run once here, and the synthesis inputs are checked before any trial takes resources.
+            from histodiff.runner import run_stage
+            from histodiff.stages import selector, synthesize
+
+            run_stage(selector, cfg, parent_run_id=parent.run_id)
+            synthesize.spec(cfg, store)
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=cfg.public_dict(), parent_run_id=parent.run_id,
                                  trial_fn=trial_fn or synthesize_and_evaluate),

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from typing import Any
 
-from histodiff import storage
+from histodiff.plots import figure_png
+from histodiff.storage import Store, join
 
 NO_SYNTHETIC_KEY = "no-synthetic"
 COLUMNS = ("key", "guidance_scale", "threshold", "synthetic_ratio", "val_gain", "test_gain", "status", "error")
@@ -127,19 +127,15 @@ def write_report(cfg: Any, result: Any, tracker: Any) -> dict[str, str]:
     """Write results.json/.csv, heatmap.png and summary.txt to the sweep dir and the parent run; return URIs."""
     import dataclasses
 
-    import matplotlib.pyplot as plt
-
     out = result.output_uri
     csv = table_csv(result.trials)
-    uris = {name: storage.join(out, name) for name in ("results.csv", "heatmap.png", "summary.txt", "results.json")}
-    storage.write_bytes(uris["results.csv"], csv.encode(), cfg.storage)
-    storage.write_bytes(uris["summary.txt"], (summary_text(result) + "\n").encode(), cfg.storage)
-    fig = heatmap_figure(result.trials)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    storage.write_bytes(uris["heatmap.png"], buf.getvalue(), cfg.storage)
-    tracker.log_figure(fig, "heatmap.png")
-    plt.close(fig)
+    uris = {name: join(out, name) for name in ("results.csv", "heatmap.png", "summary.txt", "results.json")}
+    store = Store(cfg.storage)
+    store.write_bytes(uris["results.csv"], csv.encode())
+    store.write_bytes(uris["summary.txt"], (summary_text(result) + "\n").encode())
+    png = figure_png(heatmap_figure(result.trials))
+    store.write_bytes(uris["heatmap.png"], png)
+    tracker.log_png(png, "heatmap.png")
     tracker.log_text(csv, "results.csv")
     tracker.log_text(summary_text(result), "summary.txt")
     data = {k: v for k, v in dataclasses.asdict(result).items() if k != "artifacts"}
@@ -148,5 +144,5 @@ def write_report(cfg: Any, result: Any, tracker: Any) -> dict[str, str]:
                          "num_trials": len(result.trials),
                          "recommended_test_gain": result.recommended_test_gain})
     tracker.set_tags({"histodiff.recommended": result.recommended["key"] if result.recommended else "none"})
-    storage.write_json(uris["results.json"], data, cfg.storage)  # last: marks the report complete
+    store.write_json(uris["results.json"], data)  # last: marks the report complete
     return uris

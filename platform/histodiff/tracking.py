@@ -1,8 +1,8 @@
 """MLflow tracking: every MLflow call in histodiff lives here.
 
-Stages use :func:`stage_run` (a nested run under the pipeline's or sweep's parent when
-there is one) and the :class:`Tracker` it yields. :func:`parent_run` opens the pipeline or
-sweep parent and hands its id to nested runs through ``HISTODIFF_PARENT_RUN_ID``. With
+The runner (:mod:`histodiff.runner`) opens one :func:`stage_run` per stage, nested under the
+pipeline's, sweep's or trial's run whose id it is given, and hands the :class:`Tracker` to
+the stage. :func:`parent_run` opens the pipeline or sweep parent. With
 ``tracking.enabled=false`` the tracker is a no-op. Logging failures (a dead server) are
 reported once and never kill the stage; metrics go through MLflow's asynchronous logging.
 Exported models are registered by :mod:`histodiff.registry`.
@@ -25,7 +25,6 @@ from histodiff.storage import redact
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_ENV = "HISTODIFF_PARENT_RUN_ID"
 # After a failed call, skip calls for this long: a dead server must not cost a timeout per step.
 _BACKOFF_S = 60.0
 # Runs this process opened and has not ended yet; atexit marks them FAILED (a crash that
@@ -124,6 +123,14 @@ class Tracker:
         """Log a matplotlib figure as a PNG artifact."""
         self._safe("log_figure", "log_figure", self.run_id, figure, name)
 
+    def log_png(self, data: bytes, name: str) -> None:
+        """Log PNG bytes (e.g. :func:`histodiff.plots.figure_png`) as an artifact at ``name``."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, os.path.basename(name))
+            with open(path, "wb") as f:
+                f.write(data)
+            self.log_artifact(path, os.path.dirname(name) or None)
+
     def log_image(self, image: Any, name: str) -> None:
         """Log an HWC uint8 array or PIL image as a PNG artifact."""
         self._safe("log_image", "log_image", self.run_id, image, artifact_file=name)
@@ -218,7 +225,7 @@ def _run(cfg: HistodiffConfig, run_name: str, tags: dict[str, str], params: dict
     tracker = Tracker(run.info.run_id, uri, async_metrics=cfg.tracking.async_metrics)
     _OPEN_RUNS[tracker.run_id] = uri
     if params is not None:
-        tracker.log_params({**cfg.flat_params(), **params})
+        tracker.log_params(params)
     status = "FAILED"
     try:
         yield tracker
@@ -236,7 +243,7 @@ def _run(cfg: HistodiffConfig, run_name: str, tags: dict[str, str], params: dict
 @contextlib.contextmanager
 def stage_run(cfg: HistodiffConfig, stage: str, params: dict[str, Any] | None = None,
               parent_run_id: str | None = None, run_name: str | None = None) -> Iterator[Tracker]:
-    """Open a run for one stage (nested under the given or env-given parent); yield a Tracker.
+    """Open a run for one stage (nested under ``parent_run_id`` when given); yield a Tracker.
 
     The run ends FINISHED, or FAILED when the body raises (or the process dies).
     """
@@ -244,52 +251,22 @@ def stage_run(cfg: HistodiffConfig, stage: str, params: dict[str, Any] | None = 
         yield NULL_TRACKER
         return
     tags = {"histodiff.stage": stage, "histodiff.name": cfg.name}
-    parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
-    with _run(cfg, run_name or f"{cfg.name}/{stage}", tags, params or {}, parent) as tracker:
+    with _run(cfg, run_name or f"{cfg.name}/{stage}", tags, params or {}, parent_run_id) as tracker:
         yield tracker
 
 
 @contextlib.contextmanager
 def parent_run(cfg: HistodiffConfig, kind: str, params: dict[str, Any] | None = None,
                resume_run_id: str | None = None) -> Iterator[Tracker]:
-    """Open (or, with ``resume_run_id``, reopen) a top-level run; nested runs opened inside attach to it.
-
-    While the body runs, ``HISTODIFF_PARENT_RUN_ID`` names this run, so stages opened in
-    this process (and Ray workers started with :func:`histodiff.runtime.worker_env`) nest.
-    """
+    """Open (or, with ``resume_run_id``, reopen) a top-level run holding the whole config; yield its Tracker."""
     if not cfg.tracking.enabled:
         yield NULL_TRACKER
         return
     tags = {"histodiff.stage": kind, "histodiff.name": cfg.name, "histodiff.kind": "parent"}
-    with _run(cfg, f"{cfg.name}/{kind}", tags, params or {}, None, resume_run_id) as tracker:
+    with _run(cfg, f"{cfg.name}/{kind}", tags, {**cfg.flat_params(), **(params or {})}, None,
+              resume_run_id) as tracker:
         tracker.log_config(cfg)
-        previous = os.environ.get(PARENT_RUN_ENV)
-        if tracker.active:
-            os.environ[PARENT_RUN_ENV] = tracker.run_id
-        try:
-            yield tracker
-        finally:
-            if previous is None:
-                os.environ.pop(PARENT_RUN_ENV, None)
-            else:
-                os.environ[PARENT_RUN_ENV] = previous
-
-
-def find_stage_run(cfg: HistodiffConfig, stage: str, parent_run_id: str | None = None) -> str | None:
-    """Return the id of the latest run of a stage (under the parent when given), or None."""
-    if not cfg.tracking.enabled:
-        return None
-    uri = _mlflow_ready(cfg)
-    probe = Tracker("-", uri)
-    exp_id = probe._safe("get_experiment", experiment_id, cfg)
-    if exp_id is None:
-        return None
-    query = f"tags.`histodiff.stage` = '{stage}' and tags.`histodiff.name` = '{cfg.name}'"
-    if parent_run_id:
-        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    runs = probe._safe("search_runs", "search_runs", [exp_id], query,
-                       order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
+        yield tracker
 
 
 def result_metrics(result: Any, prefix: str = "") -> dict[str, float]:
@@ -307,20 +284,3 @@ def result_metrics(result: Any, prefix: str = "") -> dict[str, float]:
     elif isinstance(result, (int, float)) and result == result:  # drop NaN
         out[prefix.rstrip(".")] = float(result)
     return {k: v for k, v in out.items() if k}
-
-
-def figure_to_png(figure: Any, path: str) -> str:
-    """Save a matplotlib figure to a PNG path and close it; return the path."""
-    import matplotlib.pyplot as plt
-
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return path
-
-
-def temp_json(data: Any) -> str:
-    """Write data to a temporary JSON file; return its path."""
-    fd, path = tempfile.mkstemp(suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    return path

@@ -5,7 +5,8 @@ Two rules (METHOD.md "selection"), and ``none`` (keep everything: the unfiltered
 - ``centroid``: the reference code's rule: keep a tile when its nearest class centroid in the
   selector's L2-normalised pre-logit space is the target class; rank kept tiles by distance.
 The rules are pure tensor functions; :func:`train_selector` trains the selector with the shared
-timm trainer (:func:`histodiff.train.backbone.fit_classifier`) and exports it.
+timm trainer (:func:`histodiff.train.backbone.fit_classifier`); the ``selector`` stage
+(:mod:`histodiff.stages.selector`) runs it and exports it.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from histodiff import storage
-from histodiff.config import HistodiffConfig, StorageConfig
 from histodiff.models.backbone import create_backbone, embed
+from histodiff.storage import Store, join, sha256_bytes
 from histodiff.train.backbone import fit_classifier, resize
 
 log = logging.getLogger(__name__)
@@ -114,27 +114,24 @@ class Selector:
         raise ValueError(f"unknown selection mode {mode!r}; choose 'confidence', 'centroid' or 'none'")
 
 
-def train_selector(cfg: HistodiffConfig, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
-                   val_y: torch.Tensor, classes: list[str], device: torch.device | str = "cpu") -> Selector:
-    """Return a selector trained on the labeled train split (validation-selected), centroids from train."""
-    sel = cfg.synthesis.selector
+def train_selector(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                   classes: list[str], *, backbone: str, epochs: int, lr: float, weight_decay: float,
+                   batch_size: int, augment: str, seed: int, device: torch.device | str = "cpu"
+                   ) -> tuple[Selector, float]:
+    """Return (selector trained on the labeled train split, validation-selected; its val balanced accuracy)."""
     image_size = int(train_x.shape[-1])
-    fit = fit_classifier(
-        train_x, train_y, val_x, val_y, backbone=sel.backbone, num_classes=len(classes), image_size=image_size,
-        epochs=sel.epochs, lr=sel.lr, weight_decay=cfg.evaluation.weight_decay, batch_size=sel.batch_size,
-        # The downstream classifier's label-safe augmentation (``data.augment`` is the autoencoder's):
-        # on a few labels per class an unaugmented selector overfits.
-        seed=cfg.seed, device=device, augment=cfg.evaluation.augment,
-    )
-    log.info("selector %s: best val balanced accuracy %.3f at epoch %d", sel.backbone,
-             fit.best_val_balanced_accuracy, fit.best_epoch)
-    selector = Selector(fit.model, list(classes), image_size, sel.backbone, torch.zeros(0))
+    fit = fit_classifier(train_x, train_y, val_x, val_y, backbone=backbone, num_classes=len(classes),
+                         image_size=image_size, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                         batch_size=batch_size, seed=seed, device=device, augment=augment)
+    log.info("selector %s: best val balanced accuracy %.3f at epoch %d", backbone, fit.best_val_balanced_accuracy,
+             fit.best_epoch)
+    selector = Selector(fit.model, list(classes), image_size, backbone, torch.zeros(0))
     _, feats = selector.judge(train_x)
     selector.centroids = class_centroids(feats, train_y, len(classes))
-    return selector
+    return selector, fit.best_val_balanced_accuracy
 
 
-def export_selector(selector: Selector, uri: str, meta: dict[str, Any], cfg: StorageConfig | None = None) -> str:
+def export_selector(selector: Selector, uri: str, meta: dict[str, Any], store: Store) -> str:
     """Write selector weights (safetensors) and meta (written last) to ``uri``; return the weights' sha256."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, SELECTOR_WEIGHTS)
@@ -142,25 +139,26 @@ def export_selector(selector: Selector, uri: str, meta: dict[str, Any], cfg: Sto
         tensors["centroids"] = selector.centroids.contiguous()
         save_file(tensors, path)
         data = open(path, "rb").read()
-    digest = storage.sha256_bytes(data)
-    storage.write_bytes(storage.join(uri, SELECTOR_WEIGHTS), data, cfg)
+    digest = sha256_bytes(data)
+    store.write_bytes(join(uri, SELECTOR_WEIGHTS), data)
     full = {**meta, "kind": "selector", "classes": selector.classes, "image_size": selector.image_size,
             "backbone": selector.backbone, "sha256": digest}
-    storage.write_json(storage.join(uri, SELECTOR_META), full, cfg)
+    store.write_json(join(uri, SELECTOR_META), full)
     selector.sha256 = digest
     return digest
 
 
-def load_selector(uri: str, cfg: StorageConfig | None = None, device: torch.device | str = "cpu") -> tuple[Selector, dict]:
+def load_selector(uri: str, store: Store, device: torch.device | str = "cpu") -> tuple[Selector, dict]:
     """Return (selector, meta) exported by :func:`export_selector` (safetensors only)."""
-    meta_uri = storage.join(uri, SELECTOR_META)
-    if not storage.exists(meta_uri, cfg):
-        raise FileNotFoundError(f"no complete selector at {uri!r} (missing {SELECTOR_META}); run synthesis to train it")
-    meta = storage.read_json(meta_uri, cfg)
+    meta_uri = join(uri, SELECTOR_META)
+    if not store.exists(meta_uri):
+        raise FileNotFoundError(f"no complete selector at {uri!r} (missing {SELECTOR_META}); run "
+                                "`histodiff run selector` first")
+    meta = store.read_json(meta_uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, SELECTOR_WEIGHTS)
         with open(path, "wb") as f:
-            f.write(storage.read_bytes(storage.join(uri, SELECTOR_WEIGHTS), cfg))
+            f.write(store.read_bytes(join(uri, SELECTOR_WEIGHTS)))
         tensors = load_file(path)
     model = create_backbone(meta["backbone"], len(meta["classes"]), meta["image_size"])
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})

@@ -39,7 +39,7 @@ def write_synthetic_latents(uri: str, n: int, shape: tuple[int, ...] = (3, 8, 8)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from histodiff import storage
+    from histodiff.storage import Store, join
 
     rng = np.random.default_rng(seed)
     c, h, w = shape
@@ -52,12 +52,12 @@ def write_synthetic_latents(uri: str, n: int, shape: tuple[int, ...] = (3, 8, 8)
         table = pa.table({"latent": pa.array(rows, pa.binary()), "label": pa.array([None] * len(idx), pa.string()),
                           "sha1": pa.array([hashlib.sha1(r).hexdigest() for r in rows], pa.string())})
         names.append(f"part-{i:05d}.parquet")
-        loc = storage.resolve(storage.join(uri, names[-1]), storage_cfg)
+        loc = Store(storage_cfg).resolve(join(uri, names[-1]))
         loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
         pq.write_table(table, loc.path, filesystem=loc.fs)
     meta = {"shape": list(shape), "scale_factor": scale_factor, "autoencoder_sha256": "synthetic", "num_latents": n,
             "shards": names}
-    storage.write_json(storage.join(uri, "_latents.json"), meta, storage_cfg)
+    Store(storage_cfg).write_json(join(uri, "_latents.json"), meta)
     return meta
 
 

@@ -108,8 +108,8 @@ def write_toy_inputs(root: str, unet: Any = None, classifier: Any = None, n_per_
     import pyarrow as pa
     from diffusers import AutoencoderKL, UNet2DModel
 
-    from histodiff import storage
     from histodiff.checkpoint import export_model
+    from histodiff.storage import Store, join
     from histodiff.config import HistodiffConfig
     from histodiff.data import shards
 
@@ -123,39 +123,40 @@ def write_toy_inputs(root: str, unet: Any = None, classifier: Any = None, n_per_
                       "num_inference_steps": 4, "guidance_scale": 1.0, "num_actors": 1,
                       "selector": {"backbone": "test_resnet", "epochs": 1, "batch_size": 8, "threshold": 0.0}},
     })
+    store = Store()
     tiles, labels = toy_tiles(n_per_class, cfg.seed)
     shards.write_table(shards.tiles_table(tiles, labels, "toy", [f"toy/{i}" for i in range(len(tiles))]),
-                       storage.join(cfg.paths.labeled_shards, shards.shard_name(0)), cfg.storage)
+                       join(cfg.paths.labeled_shards, shards.shard_name(0)), store)
     shards.write_manifest(shards.Manifest(uri=cfg.paths.labeled_shards, shards=[shards.shard_name(0)],
                                           num_tiles=len(tiles), classes=TOY_CLASS_NAMES, tile_size=8,
-                                          fingerprint="toy"), cfg.storage)
+                                          fingerprint="toy"), store)
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
                         latent_channels=3, norm_num_groups=8, sample_size=8)
-    ae_sha = export_model(vae, cfg.paths.autoencoder, {"kind": "autoencoder"}, cfg.storage)
+    ae_sha = export_model(vae, cfg.paths.autoencoder, {"kind": "autoencoder"}, store)
     # Latents in the encode contract: unscaled fp16, one per labeled tile, keyed by the tile's pixel sha1.
     order = torch.tensor([TOY_CLASS_NAMES.index(c) for c in labels])
     z = toy_templates()[order] + 0.3 * torch.randn(len(tiles), *TOY_SHAPE, generator=torch.Generator().manual_seed(1))
     scale = 0.5
-    lat_uri = storage.join(cfg.paths.labeled_latents, "train")
+    lat_uri = join(cfg.paths.labeled_latents, "train")
     table = pa.table({"latent": pa.array([(zz / scale).half().numpy().tobytes() for zz in z], pa.binary()),
                       "label": pa.array(labels, pa.string()),
                       "sha1": pa.array([shards.pixel_sha1(t) for t in tiles], pa.string())})
-    shards.write_table(table, storage.join(lat_uri, "part-00000.parquet"), cfg.storage)
-    storage.write_json(storage.join(lat_uri, "_latents.json"), {
+    shards.write_table(table, join(lat_uri, "part-00000.parquet"), store)
+    store.write_json(join(lat_uri, "_latents.json"), {
         "shape": list(TOY_SHAPE), "scale_factor": scale, "autoencoder_sha256": ae_sha, "num_latents": len(tiles),
-        "shards": ["part-00000.parquet"]}, cfg.storage)
+        "shards": ["part-00000.parquet"]})
     if unet is None:
         torch.manual_seed(cfg.seed)
         unet = UNet2DModel(sample_size=TOY_SHAPE[-1], in_channels=3, out_channels=3, block_out_channels=(16, 32),
                            layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
                            up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
     export_model(unet, cfg.paths.denoiser, {"kind": "denoiser", "autoencoder_sha256": ae_sha, "scale_factor": scale,
-                                            "latent_shape": list(TOY_SHAPE)}, cfg.storage)
+                                            "latent_shape": list(TOY_SHAPE)}, store)
     export_model(classifier or toy_classifier(), cfg.paths.classifier, {
         "kind": "latent_classifier", "autoencoder_sha256": ae_sha, "classes": TOY_CLASS_NAMES, "mode": "noisy"},
-        cfg.storage)
+        store)
     return cfg
 
 

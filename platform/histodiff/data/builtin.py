@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from histodiff import storage
+from histodiff.storage import Store, join
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +145,14 @@ def write_builtin_data(root: str) -> dict[str, str]:
     Keys: ``unlabeled``, ``labeled_train``, ``labeled_test``. Idempotent: a complete
     earlier write (its marker, written last, names the same version) is reused.
     """
+    store = Store()
     paths = {
-        "unlabeled": storage.join(root, "unlabeled"),
-        "labeled_train": storage.join(root, "labeled", "train"),
-        "labeled_test": storage.join(root, "labeled", "test"),
+        "unlabeled": join(root, "unlabeled"),
+        "labeled_train": join(root, "labeled", "train"),
+        "labeled_test": join(root, "labeled", "test"),
     }
-    marker = storage.join(root, MARKER)
-    if storage.exists(marker) and storage.read_json(marker).get("version") == VERSION:
+    marker = join(root, MARKER)
+    if store.exists(marker) and store.read_json(marker).get("version") == VERSION:
         return paths
     image = tissue_image()
     rng = np.random.default_rng(SEED)
@@ -169,13 +170,13 @@ def write_builtin_data(root: str) -> dict[str, str]:
                 y, x = found[idx]
                 tile = image[y : y + SOURCE_TILE, x : x + SOURCE_TILE]
                 name = f"y{y:04d}_x{x:04d}.tif"
-                storage.write_bytes(storage.join(paths[f"labeled_{split}"], label, name), _encode(tile, "tif"))
+                store.write_bytes(join(paths[f"labeled_{split}"], label, name), _encode(tile, "tif"))
             counts[split][label] = len(keep)
     per_kind = min(len(v) for v in all_boxes["train"].values())
     anchors = [v[j] for v in all_boxes["train"].values() for j in rng.choice(len(v), per_kind, replace=False)]
     for name, crop in _pool_tiles(image, rng, anchors):
-        storage.write_bytes(storage.join(paths["unlabeled"], name), _encode(crop, name.rsplit(".", 1)[1]))
+        store.write_bytes(join(paths["unlabeled"], name), _encode(crop, name.rsplit(".", 1)[1]))
     counts["unlabeled"] = POOL_SIZE
-    storage.write_json(marker, {"version": VERSION, "counts": counts, "paths": paths})
+    store.write_json(marker, {"version": VERSION, "counts": counts, "paths": paths})
     log.info("wrote built-in tissue data under %s: %s", root, counts)
     return paths

@@ -1,37 +1,41 @@
-"""Ingest stage: folders or S3 prefixes of tile images -> Parquet tile shards (data/shards.py).
+"""Ingest: folders or S3 prefixes of tile images -> Parquet tile shards (data/shards.py).
 
-The driver lists every source once and checks it (missing path or bucket, credentials,
+The ``ingest`` stage (:mod:`histodiff.stages.ingest`) lists every source once and checks it (missing path or bucket, credentials,
 endpoint, empty prefix, class folders without images) before any Ray work starts. The
 sorted file list is cut into fixed chunks of ``data.tiles_per_shard`` files; Ray tasks
 decode, convert, resize and crop each chunk, and the driver drops duplicates globally
 (first occurrence in list order wins) before a second task writes ``part-<chunk>.parquet``
 and a progress record. ``_manifest.json`` is written last. A rerun with the same inputs
 and settings (the fingerprint) reuses the manifest, or the finished chunks after a crash.
+Every skipped file is named with its reason in ``skipped.csv`` beside the manifest (and every
+converted one in ``converted.csv``), so a user can find the truncated tile.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
 import logging
 import os
 import posixpath
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 
-from histodiff import storage
-from histodiff.config import HistodiffConfig, StorageConfig
+from histodiff.config import HistodiffConfig
 from histodiff.data import shards
+from histodiff.storage import Store, StorageError, is_s3, join
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 PROGRESS_DIR = "_progress"
+SKIPPED_CSV = "skipped.csv"
+CONVERTED_CSV = "converted.csv"
 # Skips that mean a broken input; past data.max_bad_fraction of them the job fails.
 BAD_REASONS = ("empty", "not_image", "truncated", "corrupt", "unreadable", "too_small")
 GRAY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "F")
@@ -42,32 +46,49 @@ class IngestError(ValueError):
     """A bad ingest input, reported with the URI and what to do."""
 
 
-@dataclass
-class IngestResult:
-    """The shard directories written (or reused) per set, their tile counts and skip reports."""
+class IngestSettings(BaseModel):
+    """How files become tiles (``data.*``): size, formats, quality floors, shard size."""
 
-    outputs: dict[str, str] = field(default_factory=dict)
-    num_tiles: dict[str, int] = field(default_factory=dict)
-    classes: dict[str, list[str]] = field(default_factory=dict)
-    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
-    reused: dict[str, bool] = field(default_factory=dict)
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tile_size: int
+    extensions: list[str]
+    min_source_size: int
+    saturation_threshold: int | None
+    max_bad_fraction: float
+    tiles_per_shard: int
+
+    @classmethod
+    def from_config(cls, cfg: HistodiffConfig) -> "IngestSettings":
+        """Return the settings named by ``cfg.data``."""
+        d = cfg.data
+        return cls(tile_size=d.tile_size, extensions=d.extensions, min_source_size=d.min_source_size,
+                   saturation_threshold=d.saturation_threshold, max_bad_fraction=d.max_bad_fraction,
+                   tiles_per_shard=d.tiles_per_shard)
 
 
 def prepare_tile(data: bytes, tile_size: int, min_source_size: int,
                  saturation_threshold: int | None) -> tuple[np.ndarray | None, str | None, str | None]:
     """Return (uint8 HWC RGB tile or None, skip reason or None, conversion or None) for file bytes."""
+    tile, reason, conversion, _ = inspect_tile(data, tile_size, min_source_size, saturation_threshold)
+    return tile, reason, conversion
+
+
+def inspect_tile(data: bytes, tile_size: int, min_source_size: int, saturation_threshold: int | None
+                 ) -> tuple[np.ndarray | None, str | None, str | None, str]:
+    """Return (tile or None, skip reason or None, conversion or None, a detail for the skip report)."""
     if not data:
-        return None, "empty", None
+        return None, "empty", None, "0 bytes"
     try:
         img = Image.open(io.BytesIO(data))
-    except Exception:  # PIL raises UnidentifiedImageError, or anything for garbage headers
-        return None, "not_image", None
+    except Exception as exc:  # PIL raises UnidentifiedImageError, or anything for garbage headers
+        return None, "not_image", None, f"{type(exc).__name__}: {str(exc)[:200]}"
     try:
         img.load()
     except OSError as exc:
-        return None, ("truncated" if "truncat" in str(exc).lower() else "corrupt"), None
-    except Exception:
-        return None, "corrupt", None
+        return None, ("truncated" if "truncat" in str(exc).lower() else "corrupt"), None, str(exc)[:200]
+    except Exception as exc:
+        return None, "corrupt", None, f"{type(exc).__name__}: {str(exc)[:200]}"
     conversion = None
     if img.mode != "RGB":
         if img.mode in GRAY_MODES:
@@ -85,7 +106,7 @@ def prepare_tile(data: bytes, tile_size: int, min_source_size: int,
             conversion = img.mode.lower().replace(";", "")
         img = img.convert("RGB")
     if min(img.size) < min_source_size:
-        return None, "too_small", conversion
+        return None, "too_small", conversion, f"{img.size[0]}x{img.size[1]} px < data.min_source_size={min_source_size}"
     w, h = img.size
     scale = tile_size / min(w, h)
     # Paper protocol: resize the smallest side to the tile size, then center-crop.
@@ -96,28 +117,30 @@ def prepare_tile(data: bytes, tile_size: int, min_source_size: int,
     if saturation_threshold is not None:
         sat = np.asarray(Image.fromarray(tile).convert("HSV"))[..., 1].mean()
         if sat < saturation_threshold:
-            return None, "low_saturation", conversion
-    return tile, None, conversion
+            return None, "low_saturation", conversion, f"mean saturation {sat:.1f} < {saturation_threshold}"
+    return tile, None, conversion, ""
 
 
-def _process_chunk(items: list[tuple[str, str | None, str]], params: dict[str, Any],
-                   storage_cfg: StorageConfig) -> tuple[Any, dict[str, Any]]:
-    """Return (Arrow table of good tiles, stats) for one chunk of (uri, label, dataset) items."""
+def _process_chunk(items: list[tuple[str, str | None, str]], settings: IngestSettings,
+                   store: Store) -> tuple[Any, dict[str, Any]]:
+    """Return (Arrow table of good tiles, stats with every skipped and converted file named) for one chunk."""
+    import pyarrow as pa
+
     rows: dict[str, list] = {name: [] for name in shards.TILE_SCHEMA.names}
-    skipped: Counter = Counter()
-    converted: Counter = Counter()
+    skipped: list[list[str]] = []
+    converted: list[list[str]] = []
     for uri, label, dataset in items:
         try:
-            data = storage.read_bytes(uri, storage_cfg)
-        except storage.StorageError:
-            skipped["unreadable"] += 1
+            data = store.read_bytes(uri)
+        except StorageError as exc:
+            skipped.append([uri, "unreadable", str(exc)[:200]])
             continue
-        tile, reason, conversion = prepare_tile(data, params["tile_size"], params["min_source_size"],
-                                                params["saturation_threshold"])
+        tile, reason, conversion, detail = inspect_tile(data, settings.tile_size, settings.min_source_size,
+                                                        settings.saturation_threshold)
         if conversion:
-            converted[conversion] += 1
+            converted.append([uri, conversion])
         if tile is None:
-            skipped[reason] += 1
+            skipped.append([uri, reason, detail])
             continue
         rows["image"].append(shards.encode_png(tile))
         rows["label"].append(label)
@@ -126,20 +149,19 @@ def _process_chunk(items: list[tuple[str, str | None, str]], params: dict[str, A
         rows["sha1"].append(shards.pixel_sha1(tile))
         rows["height"].append(int(tile.shape[0]))
         rows["width"].append(int(tile.shape[1]))
-    import pyarrow as pa
-
     table = pa.Table.from_pydict(rows, schema=shards.TILE_SCHEMA)
-    return table, {"sha1": rows["sha1"], "skipped": dict(skipped), "converted": dict(converted)}
+    return table, {"sha1": rows["sha1"], "source": rows["source"], "skipped_files": skipped,
+                   "converted_files": converted}
 
 
 def _write_chunk(table: Any, keep: list[bool], shard_uri: str | None, progress_uri: str,
-                 progress: dict[str, Any], storage_cfg: StorageConfig) -> None:
+                 progress: dict[str, Any], store: Store) -> None:
     """Write one shard (the kept rows) and then its progress record."""
     import pyarrow as pa
 
     if shard_uri is not None:
-        shards.write_table(table.filter(pa.array(keep, type=pa.bool_())), shard_uri, storage_cfg)
-    storage.write_json(progress_uri, progress, storage_cfg)
+        shards.write_table(table.filter(pa.array(keep, type=pa.bool_())), shard_uri, store)
+    store.write_json(progress_uri, progress)
 
 
 def _source_name(uri: str) -> str:
@@ -148,82 +170,92 @@ def _source_name(uri: str) -> str:
 
 
 
-def _list_images(uri: str, what: str, cfg: HistodiffConfig) -> list[str]:
-    storage.check_readable(uri, cfg.storage)
-    files = storage.list_files(uri, cfg.storage, cfg.data.extensions)
+def _list_images(uri: str, what: str, store: Store, extensions: list[str]) -> list[str]:
+    store.check_readable(uri)
+    files = store.list_files(uri, extensions)
     if not files:
-        raise IngestError(f"{what} {uri!r} holds no image files ({', '.join(cfg.data.extensions)}); "
+        raise IngestError(f"{what} {uri!r} holds no image files ({', '.join(extensions)}); "
                           "check the path, or set data.extensions")
     return files
 
 
-def list_unlabeled(cfg: HistodiffConfig) -> list[tuple[str, str | None, str]]:
+def list_unlabeled(sources: list[str], store: Store, extensions: list[str]) -> list[tuple[str, str | None, str]]:
     """Return the sorted (uri, None, dataset) items of every unlabeled source."""
     items = []
-    for source in cfg.paths.unlabeled_sources:
-        files = _list_images(source, "unlabeled source", cfg)
+    for source in sources:
+        files = _list_images(source, "unlabeled source", store, extensions)
         items += [(f, None, _source_name(source)) for f in files]
     return sorted(items)
 
 
-def list_labeled(source: str, cfg: HistodiffConfig) -> list[tuple[str, str | None, str]]:
+def list_labeled(source: str, store: Store, extensions: list[str]) -> list[tuple[str, str | None, str]]:
     """Return the sorted (uri, class, dataset) items of a one-folder-per-class source."""
-    files = _list_images(source, "labeled source", cfg)
+    files = _list_images(source, "labeled source", store, extensions)
     # list_files returns "s3://" + path or a local absolute path under the resolved base
-    base = storage.resolve(source, cfg.storage).path.rstrip("/")
+    base = store.resolve(source).path.rstrip("/")
     by_class: dict[str, list[str]] = {}
     for f in files:
-        path = f[5:] if storage.is_s3(f) else f
+        path = f[5:] if is_s3(f) else f
         rel = path[len(base) + 1 :].replace(os.sep, "/")
         if "/" not in rel:
             raise IngestError(f"labeled source {source!r} holds image files directly in it ({rel!r}); it needs "
                               "one folder per class (the NCT-CRC layout: <source>/<CLASS>/<tile>.tif)")
         by_class.setdefault(rel.split("/", 1)[0], []).append(f)
-    folders = [d for d in storage.list_dirs(source, cfg.storage) if not d.startswith((".", "_"))]
+    folders = [d for d in store.list_dirs(source) if not d.startswith((".", "_"))]
     empty = sorted(set(folders) - set(by_class))
     if empty:
         raise IngestError(f"class folder(s) {empty} of labeled source {source!r} hold no image files "
-                          f"({', '.join(cfg.data.extensions)}); add tiles or remove the folder(s)")
+                          f"({', '.join(extensions)}); add tiles or remove the folder(s)")
     name = _source_name(source)
     return sorted((f, label, name) for label, fs in by_class.items() for f in fs)
 
 
-def _fingerprint(items: list[tuple[str, str | None, str]], cfg: HistodiffConfig) -> str:
-    d = cfg.data
-    params = [VERSION, d.tile_size, d.min_source_size, d.saturation_threshold, d.tiles_per_shard]
+def items_fingerprint(items: list[tuple[str, str | None, str]], settings: IngestSettings) -> str:
+    """Return a hash of the listed files (uri, label, dataset) and the settings that shape the tiles."""
+    params = [VERSION, settings.tile_size, settings.min_source_size, settings.saturation_threshold,
+              settings.tiles_per_shard]
     h = hashlib.sha256(json.dumps(params).encode())
     for item in items:
         h.update(json.dumps(item).encode())
     return h.hexdigest()[:16]
 
 
-def _clear_stale(out_uri: str, cfg: StorageConfig) -> None:
+def _clear_stale(out_uri: str, store: Store) -> None:
     """Remove an earlier run's outputs (manifest first, so the directory reads incomplete)."""
-    storage.delete(storage.join(out_uri, shards.MANIFEST), cfg)
-    storage.delete(storage.join(out_uri, PROGRESS_DIR), cfg)
-    if storage.exists(out_uri, cfg):
-        for f in storage.list_files(out_uri, cfg, [".parquet"]):
+    store.delete(join(out_uri, shards.MANIFEST))
+    store.delete(join(out_uri, PROGRESS_DIR))
+    if store.exists(out_uri):
+        for f in store.list_files(out_uri, [".parquet"]):
             if posixpath.basename(f).startswith("part-"):
-                storage.delete(f, cfg)
+                store.delete(f)
 
 
-def _finished_chunks(out_uri: str, fingerprint: str, cfg: StorageConfig) -> dict[int, dict[str, Any]]:
+def _finished_chunks(out_uri: str, fingerprint: str, store: Store) -> dict[int, dict[str, Any]]:
     """Return {chunk index: progress record} of chunks an earlier run with this fingerprint finished."""
     # One listing each for records and shards: never a request per chunk.
-    records = storage.list_files(storage.join(out_uri, PROGRESS_DIR), cfg, [".json"])
-    parts = {posixpath.basename(u) for u in storage.list_files(out_uri, cfg, [".parquet"])} if records else set()
+    records = store.list_files(join(out_uri, PROGRESS_DIR), [".json"])
+    parts = {posixpath.basename(u) for u in store.list_files(out_uri, [".parquet"])} if records else set()
     done = {}
     for uri in records:
-        rec = storage.read_json(uri, cfg)
+        rec = store.read_json(uri)
         if rec.get("fingerprint") == fingerprint and (rec["shard"] is None or rec["shard"] in parts):
             done[int(posixpath.basename(uri)[len("chunk-"):-len(".json")])] = rec
     return done
 
 
-def _report_add(report: dict[str, Any], stats: dict[str, Any]) -> None:
-    for key in ("skipped", "converted"):
-        for reason, n in stats.get(key, {}).items():
-            report[key][reason] = report[key].get(reason, 0) + n
+def _report_add(report: dict[str, Any], stats: dict[str, Any], files: dict[str, list]) -> None:
+    for key, column in (("skipped", 1), ("converted", 1)):
+        for row in stats.get(f"{key}_files", []):
+            report[key][row[column]] = report[key].get(row[column], 0) + 1
+            files[key].append(row)
+
+
+def _csv(rows: list[list[str]], header: list[str]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue().encode()
 
 
 def _check_bad(name: str, report: dict[str, Any], total: int, max_bad_fraction: float) -> None:
@@ -235,38 +267,32 @@ def _check_bad(name: str, report: dict[str, Any], total: int, max_bad_fraction: 
                           f"data.max_bad_fraction={max_bad_fraction}; fix the source or raise the limit")
 
 
-def ingest_set(name: str, items: list[tuple[str, str | None, str]], out_uri: str,
-               cfg: HistodiffConfig) -> tuple[shards.Manifest, bool]:
-    """Return (manifest, reused) after writing one shard directory from the listed items."""
+def ingest_set(name: str, items: list[tuple[str, str | None, str]], out_uri: str, store: Store,
+               settings: IngestSettings) -> tuple[shards.Manifest, bool]:
+    """Return (manifest, reused) after writing one shard directory (and its skip report) from the listed items."""
     import ray
     from tqdm.auto import tqdm
 
-    from histodiff.runtime import worker_env
-
-    scfg = cfg.storage
-    fingerprint = _fingerprint(items, cfg)
-    manifest_uri = storage.join(out_uri, shards.MANIFEST)
-    if storage.exists(manifest_uri, scfg):
-        old = shards.read_manifest(out_uri, scfg)
+    fingerprint = items_fingerprint(items, settings)
+    if store.exists(join(out_uri, shards.MANIFEST)):
+        old = shards.read_manifest(out_uri, store)
         if old.fingerprint == fingerprint:
             log.info("%s: %s is complete for these inputs (%d tiles); skipping", name, out_uri, old.num_tiles)
             return old, True
         log.info("%s: inputs or settings changed since %s was written; rebuilding it", name, out_uri)
-        _clear_stale(out_uri, scfg)
-    per = cfg.data.tiles_per_shard
+        _clear_stale(out_uri, store)
+    per = settings.tiles_per_shard
     chunks = [items[i : i + per] for i in range(0, len(items), per)]
-    params = {"tile_size": cfg.data.tile_size, "min_source_size": cfg.data.min_source_size,
-              "saturation_threshold": cfg.data.saturation_threshold}
-    opts = {"num_cpus": 1, "runtime_env": {"env_vars": worker_env(cfg)}}
-    process = ray.remote(_process_chunk).options(num_returns=2, **opts)
-    write = ray.remote(_write_chunk).options(**opts)
+    process = ray.remote(_process_chunk).options(num_returns=2, num_cpus=1)
+    write = ray.remote(_write_chunk).options(num_cpus=1)
     window = max(2, int(ray.available_resources().get("CPU", 1)) * 2)
 
     report: dict[str, Any] = {"seen": 0, "written": 0, "skipped": {}, "converted": {}}
-    seen_sha1: set[str] = set()
+    files: dict[str, list] = {"skipped": [], "converted": []}
+    first_of: dict[str, str] = {}
     shard_names: list[str] = []
     futures: dict[int, tuple[Any, Any]] = {}
-    done = _finished_chunks(out_uri, fingerprint, scfg)
+    done = _finished_chunks(out_uri, fingerprint, store)
     if done:
         log.info("%s: resuming; %d of %d chunks were finished by an earlier run", name, len(done), len(chunks))
     todo = [i for i in range(len(chunks)) if i not in done]
@@ -276,7 +302,7 @@ def ingest_set(name: str, items: list[tuple[str, str | None, str]], out_uri: str
         nonlocal next_submit
         while next_submit < len(todo) and todo[next_submit] <= limit:
             i = todo[next_submit]
-            futures[i] = process.remote(chunks[i], params, scfg)
+            futures[i] = process.remote(chunks[i], settings, store)
             next_submit += 1
 
     writes = []
@@ -285,89 +311,46 @@ def ingest_set(name: str, items: list[tuple[str, str | None, str]], out_uri: str
             if i in done:
                 rec = done[i]
                 stats = rec["stats"]
-                keep_sha1 = rec["kept_sha1"]
+                for sha, src in zip(rec["kept_sha1"], rec.get("kept_source", [])):
+                    first_of.setdefault(sha, src)
             else:
                 # Keep a bounded window of chunks in flight ahead of the in-order consumer.
                 submit_until(i + window)
                 table_ref, stats_ref = futures.pop(i)
-                stats = ray.get(stats_ref)
-                keep = []
-                for s in stats["sha1"]:
-                    keep.append(s not in seen_sha1)
-                    seen_sha1.add(s)
-                keep_sha1 = [s for s, k in zip(stats["sha1"], keep) if k]
-                dups = len(keep) - len(keep_sha1)
-                stats = {"skipped": {**stats["skipped"], **({"duplicate": dups} if dups else {})},
-                         "converted": stats["converted"], "seen": len(chunk)}
-                shard = shards.shard_name(i) if keep_sha1 else None
-                rec = {"fingerprint": fingerprint, "shard": shard, "kept_sha1": keep_sha1, "stats": stats}
-                writes.append(write.remote(table_ref, keep, storage.join(out_uri, shard) if shard else None,
-                                           storage.join(out_uri, PROGRESS_DIR, f"chunk-{i:05d}.json"), rec, scfg))
-            seen_sha1.update(keep_sha1)
+                raw = ray.get(stats_ref)
+                keep, dups = [], []
+                for sha, src in zip(raw["sha1"], raw["source"]):
+                    keep.append(sha not in first_of)
+                    if keep[-1]:
+                        first_of[sha] = src
+                    else:
+                        dups.append([src, "duplicate", f"same pixels as {first_of[sha]}"])
+                stats = {"skipped_files": raw["skipped_files"] + dups, "converted_files": raw["converted_files"]}
+                kept_sha1 = [sha for sha, k in zip(raw["sha1"], keep) if k]
+                kept_source = [src for src, k in zip(raw["source"], keep) if k]
+                shard = shards.shard_name(i) if kept_sha1 else None
+                rec = {"fingerprint": fingerprint, "shard": shard, "kept_sha1": kept_sha1, "kept_source": kept_source,
+                       "stats": stats}
+                writes.append(write.remote(table_ref, keep, join(out_uri, shard) if shard else None,
+                                           join(out_uri, PROGRESS_DIR, f"chunk-{i:05d}.json"), rec, store))
             if rec["shard"]:
                 shard_names.append(rec["shard"])
             report["seen"] += len(chunk)
-            report["written"] += len(keep_sha1)
-            _report_add(report, stats)
-            _check_bad(name, report, len(items), cfg.data.max_bad_fraction)
+            report["written"] += len(rec["kept_sha1"])
+            _report_add(report, stats, files)
+            _check_bad(name, report, len(items), settings.max_bad_fraction)
             bar.update(len(chunk))
     ray.get(writes)
     if report["written"] == 0:
         raise IngestError(f"{name}: none of the {len(items)} files gave a usable tile (report: {report}); "
                           "check the sources, data.min_source_size and data.saturation_threshold")
+    store.write_bytes(join(out_uri, SKIPPED_CSV), _csv(files["skipped"], ["uri", "reason", "detail"]))
+    store.write_bytes(join(out_uri, CONVERTED_CSV), _csv(files["converted"], ["uri", "conversion"]))
     labels = {it[1] for it in items if it[1] is not None}
     manifest = shards.Manifest(uri=out_uri, shards=shard_names, num_tiles=report["written"],
-                               classes=sorted(labels), tile_size=cfg.data.tile_size, report=report,
-                               fingerprint=fingerprint, extra={"set": name, "ingest_version": VERSION})
-    shards.write_manifest(manifest, scfg)
+                               classes=sorted(labels), tile_size=settings.tile_size, report=report,
+                               fingerprint=fingerprint, extra={"set": name, "ingest_version": VERSION,
+                                                               "skipped_csv": SKIPPED_CSV,
+                                                               "converted_csv": CONVERTED_CSV})
+    shards.write_manifest(manifest, store)
     return manifest, False
-
-
-def _plan(cfg: HistodiffConfig) -> list[tuple[str, list, str]]:
-    """Return [(set name, items, output URI)] after checking every source (no Ray yet)."""
-    p = cfg.paths
-    plan = []
-    if p.unlabeled_sources:
-        plan.append(("unlabeled", list_unlabeled(cfg), p.unlabeled_shards))
-    if p.labeled_source:
-        plan.append(("labeled", list_labeled(p.labeled_source, cfg), p.labeled_shards))
-    if p.labeled_test_source:
-        plan.append(("labeled_test", list_labeled(p.labeled_test_source, cfg), p.labeled_test_shards))
-    if not plan:
-        raise IngestError("nothing to ingest: set paths.unlabeled_sources, paths.labeled_source "
-                          "or paths.labeled_test_source")
-    if p.labeled_source and p.labeled_test_source:
-        train = {it[1] for it in plan[-2][1]}
-        test = {it[1] for it in plan[-1][1]}
-        if not test <= train:
-            raise IngestError(f"labeled test source {p.labeled_test_source!r} has classes {sorted(test - train)} "
-                              f"that the labeled source {p.labeled_source!r} lacks")
-    return plan
-
-
-def run(cfg: HistodiffConfig) -> IngestResult:
-    """Ingest every configured source into tile shards; return their URIs, counts and reports."""
-    from histodiff import tracking
-    from histodiff.runtime import init_ray
-
-    plan = _plan(cfg)
-    init_ray(cfg)
-    result = IngestResult()
-    with tracking.stage_run(cfg, "ingest") as tracker:
-        for name, items, out_uri in plan:
-            manifest, reused = ingest_set(name, items, out_uri, cfg)
-            result.outputs[name] = out_uri
-            result.num_tiles[name] = manifest.num_tiles
-            result.classes[name] = manifest.classes
-            result.reports[name] = manifest.report
-            result.reused[name] = reused
-            metrics = {f"{name}.tiles_written": manifest.num_tiles, f"{name}.files_seen": manifest.report["seen"]}
-            for key in ("skipped", "converted"):
-                metrics.update({f"{name}.{key}.{r}": n for r, n in manifest.report[key].items()})
-            if tracker.active:
-                tracker.log_metrics(metrics)
-                tracker.log_dict(manifest.report, f"ingest/{name}_report.json")
-            log.info("%s -> %s: %d tiles%s; skipped %s; converted %s", name, out_uri, manifest.num_tiles,
-                     " (reused)" if reused else "", manifest.report["skipped"] or "none",
-                     manifest.report["converted"] or "none")
-    return result

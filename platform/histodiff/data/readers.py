@@ -15,9 +15,27 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from histodiff import storage
+from pydantic import BaseModel, ConfigDict
+
 from histodiff.config import HistodiffConfig
 from histodiff.data import shards
+from histodiff.storage import Store
+
+
+class ReadSpec(BaseModel):
+    """How a training stage reads its set: file order seed, the in-memory limit, steps per pass."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int
+    materialize_max_mb: float
+    steps_per_pass: int
+
+
+def read_spec(cfg: HistodiffConfig) -> ReadSpec:
+    """Return the read settings named by the config (``seed``, ``data.*``)."""
+    return ReadSpec(seed=cfg.seed, materialize_max_mb=cfg.data.materialize_max_mb,
+                    steps_per_pass=cfg.data.steps_per_pass)
 
 
 def decode_batch(batch: dict[str, np.ndarray], classes: list[str], augment: bool,
@@ -56,7 +74,7 @@ def augment_batch(batch: dict[str, np.ndarray], seed: int | None = None) -> dict
     return {**batch, "image": np.ascontiguousarray(np.stack(out)) if out else x}
 
 
-def read_parquet_dataset(uris: list[str], cfg: HistodiffConfig, columns: list[str], **read_args: Any) -> Any:
+def read_parquet_dataset(uris: list[str], store: Store, columns: list[str], seed: int, **read_args: Any) -> Any:
     """Return a streaming ``ray.data`` read of Parquet files, in a new file order per epoch.
 
     ``read_args`` go to ``ray.data.read_parquet`` (e.g. ``runtime_env`` for the read tasks).
@@ -64,29 +82,29 @@ def read_parquet_dataset(uris: list[str], cfg: HistodiffConfig, columns: list[st
     import ray.data
     from ray.data import FileShuffleConfig
 
-    locs = [storage.resolve(u, cfg.storage) for u in uris]
+    locs = [store.resolve(u) for u in uris]
     return ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].fs, columns=columns,
-                                 shuffle=FileShuffleConfig(seed=cfg.seed), **read_args)
+                                 shuffle=FileShuffleConfig(seed=seed), **read_args)
 
 
-def rows_per_pass(cfg: HistodiffConfig, batch_size: int, grad_accum: int = 1) -> int:
-    """Return the rows one Ray Data pass should hold: ``data.steps_per_pass`` global optimizer steps."""
-    return cfg.data.steps_per_pass * batch_size * grad_accum * cfg.ray.num_workers
+def rows_per_pass(read: ReadSpec, batch_size: int, num_workers: int, grad_accum: int = 1) -> int:
+    """Return the rows one Ray Data pass should hold: ``steps_per_pass`` global optimizer steps."""
+    return read.steps_per_pass * batch_size * grad_accum * num_workers
 
 
-def copies_per_pass(num_rows: int, decoded_mb: float, rows_per_pass: int, cfg: HistodiffConfig) -> int:
+def copies_per_pass(num_rows: int, decoded_mb: float, rows_per_pass: int, materialize_max_mb: float) -> int:
     """Return how many copies of a small set make one Ray Data pass of ``rows_per_pass`` rows.
 
     A pass (an epoch of ``iter_torch_batches``) costs about a second of start-up; a few hundred
-    tiles would pay it every few steps. Copies are bounded by ``data.materialize_max_mb``.
+    tiles would pay it every few steps. Copies are bounded by ``materialize_max_mb``.
     """
     if num_rows <= 0 or num_rows >= rows_per_pass:
         return 1
-    by_memory = int(cfg.data.materialize_max_mb // max(decoded_mb, 1e-9))
+    by_memory = int(materialize_max_mb // max(decoded_mb, 1e-9))
     return max(1, min(math.ceil(rows_per_pass / num_rows), by_memory))
 
 
-def small_parquet_dataset(uris: list[str], cfg: HistodiffConfig, columns: list[str], copies: int = 1) -> Any:
+def small_parquet_dataset(uris: list[str], store: Store, columns: list[str], seed: int, copies: int = 1) -> Any:
     """Return a ``ray.data`` dataset of small Parquet files read here (``copies`` times over).
 
     ``read_parquet`` pays seconds of file listing and task start-up per execution, which
@@ -96,39 +114,40 @@ def small_parquet_dataset(uris: list[str], cfg: HistodiffConfig, columns: list[s
     import pyarrow as pa
     import ray.data
 
-    rng = np.random.default_rng(cfg.seed)
-    tables = [storage.read_parquet(uris[i], cfg.storage, columns) for i in rng.permutation(len(uris))]
+    rng = np.random.default_rng(seed)
+    tables = [store.read_parquet(uris[i], columns) for i in rng.permutation(len(uris))]
     if copies <= 1:
         return ray.data.from_arrow(tables)
     table = pa.concat_tables(tables)
     return ray.data.from_arrow([table.take(rng.permutation(table.num_rows)) for _ in range(copies)])
 
 
-def parquet_dataset(uris: list[str], cfg: HistodiffConfig, columns: list[str], num_rows: int, size_mb: float,
-                    rows_per_pass: int = 0, **read_args: Any) -> tuple[Any, bool]:
-    """Return (dataset, small): the one choice between the two read paths, by ``data.materialize_max_mb``.
+def parquet_dataset(uris: list[str], store: Store, columns: list[str], num_rows: int, size_mb: float,
+                    read: ReadSpec, rows_per_pass: int = 0, **read_args: Any) -> tuple[Any, bool]:
+    """Return (dataset, small): the one choice between the two read paths, by ``materialize_max_mb``.
 
     Small sets (``size_mb`` at most the limit) are read directly, repeated up to ``rows_per_pass``
     rows (:func:`copies_per_pass`); the caller materializes them after its decoding step. Larger
     sets stream through ``read_parquet`` (``read_args`` go to it).
     """
-    if size_mb > cfg.data.materialize_max_mb:
-        return read_parquet_dataset(uris, cfg, columns, **read_args), False
-    copies = copies_per_pass(num_rows, size_mb, rows_per_pass, cfg)
-    return small_parquet_dataset(uris, cfg, columns, copies), True
+    if size_mb > read.materialize_max_mb:
+        return read_parquet_dataset(uris, store, columns, read.seed, **read_args), False
+    copies = copies_per_pass(num_rows, size_mb, rows_per_pass, read.materialize_max_mb)
+    return small_parquet_dataset(uris, store, columns, read.seed, copies), True
 
 
-def tile_dataset(uri: str, cfg: HistodiffConfig, augment: bool, batch_size: int = 64, rows_per_pass: int = 0) -> Any:
+def tile_dataset(uri: str, store: Store, read: ReadSpec, augment: bool, batch_size: int = 64,
+                 rows_per_pass: int = 0) -> Any:
     """Return a ``ray.data.Dataset`` of the tiles at a shard directory (columns ``image``, ``label_id``).
 
     Small sets are read once (repeated up to ``rows_per_pass`` rows, see :func:`copies_per_pass`).
     """
-    manifest = shards.read_manifest(uri, cfg.storage)
+    manifest = shards.read_manifest(uri, store)
     if not manifest.shards:
         raise ValueError(f"tile shards at {uri!r} list no shard files; rerun `histodiff run ingest`")
     decoded_mb = manifest.num_tiles * 3 * manifest.tile_size**2 * 4 / 2**20
-    ds, small = parquet_dataset(manifest.shard_uris(), cfg, ["image", "label"], manifest.num_tiles, decoded_mb,
-                                rows_per_pass)
+    ds, small = parquet_dataset(manifest.shard_uris(), store, ["image", "label"], manifest.num_tiles, decoded_mb,
+                                read, rows_per_pass)
     if not small:
         return ds.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size,
                               fn_kwargs={"classes": manifest.classes, "augment": augment})

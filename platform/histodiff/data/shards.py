@@ -15,8 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from histodiff import storage
-from histodiff.config import StorageConfig
+from histodiff.storage import Store, join
 
 MANIFEST = "_manifest.json"
 
@@ -48,7 +47,7 @@ class Manifest:
 
     def shard_uris(self) -> list[str]:
         """Return the absolute URIs of the shards."""
-        return [storage.join(self.uri, name) for name in self.shards]
+        return [join(self.uri, name) for name in self.shards]
 
 
 def encode_png(tile: np.ndarray) -> bytes:
@@ -84,11 +83,11 @@ def tiles_table(tiles: Iterable[np.ndarray], labels: Iterable[str | None], datas
     return pa.Table.from_pydict(rows, schema=TILE_SCHEMA)
 
 
-def write_table(table: pa.Table, uri: str, cfg: StorageConfig | None = None) -> None:
+def write_table(table: pa.Table, uri: str, store: Store) -> None:
     """Write one Parquet part atomically (temporary name, then rename; one PUT on S3)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(uri, sink.getvalue().to_pybytes(), cfg)
+    store.write_bytes(uri, sink.getvalue().to_pybytes())
 
 
 def shard_name(index: int) -> str:
@@ -96,10 +95,10 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def write_manifest(manifest: Manifest, cfg: StorageConfig | None = None) -> None:
+def write_manifest(manifest: Manifest, store: Store) -> None:
     """Write the manifest last: it marks the directory complete."""
-    storage.write_json(
-        storage.join(manifest.uri, MANIFEST),
+    store.write_json(
+        join(manifest.uri, MANIFEST),
         {
             "shards": manifest.shards,
             "num_tiles": manifest.num_tiles,
@@ -109,18 +108,17 @@ def write_manifest(manifest: Manifest, cfg: StorageConfig | None = None) -> None
             "fingerprint": manifest.fingerprint,
             "extra": manifest.extra,
         },
-        cfg,
     )
 
 
-def read_manifest(uri: str, cfg: StorageConfig | None = None) -> Manifest:
+def read_manifest(uri: str, store: Store) -> Manifest:
     """Return the manifest of a complete shard directory, or raise a clear error."""
-    path = storage.join(uri, MANIFEST)
-    if not storage.exists(path, cfg):
+    path = join(uri, MANIFEST)
+    if not store.exists(path):
         raise FileNotFoundError(
             f"{uri!r} holds no complete tile shards (no {MANIFEST}); run `histodiff run ingest` first"
         )
-    data = storage.read_json(path, cfg)
+    data = store.read_json(path)
     return Manifest(
         uri=uri,
         shards=list(data["shards"]),
@@ -133,18 +131,18 @@ def read_manifest(uri: str, cfg: StorageConfig | None = None) -> Manifest:
     )
 
 
-def read_table(uri: str, cfg: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
+def read_table(uri: str, store: Store, columns: list[str] | None = None) -> pa.Table:
     """Return all tiles of a complete shard directory as one Arrow table."""
-    manifest = read_manifest(uri, cfg)
-    tables = [storage.read_parquet(shard, cfg, columns) for shard in manifest.shard_uris()]
+    manifest = read_manifest(uri, store)
+    tables = [store.read_parquet(shard, columns) for shard in manifest.shard_uris()]
     if not tables:
         return TILE_SCHEMA.empty_table() if columns is None else TILE_SCHEMA.empty_table().select(columns)
     return pa.concat_tables(tables)
 
 
-def load_tiles(uri: str, cfg: StorageConfig | None = None) -> tuple[np.ndarray, list[str | None]]:
+def load_tiles(uri: str, store: Store) -> tuple[np.ndarray, list[str | None]]:
     """Return (uint8 NHWC tiles, labels) of a small shard directory, in shard order."""
-    table = read_table(uri, cfg, columns=["image", "label"])
+    table = read_table(uri, store, columns=["image", "label"])
     images = [decode_png(b) for b in table.column("image").to_pylist()]
     labels = table.column("label").to_pylist()
     if not images:

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
-from histodiff.evaluate.metrics import SCALAR_METRICS, classification_metrics, summarise
+from histodiff.evaluate.metrics import SCALAR_METRICS, classification_metrics
 from histodiff.train.backbone import fit_classifier, predict_proba
 
 log = logging.getLogger(__name__)
-
-RESULT_FILE = "evaluation.json"  # written last: its presence marks a finished evaluation
 
 
 @dataclass
@@ -45,9 +44,10 @@ class Splits:
     test_y: np.ndarray
 
 
-@dataclass(frozen=True)
-class Recipe:
+class Recipe(BaseModel):
     """The training recipe every arm shares (plain data, shipped to workers)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     backbone: str
     image_size: int
@@ -55,7 +55,7 @@ class Recipe:
     lr: float
     weight_decay: float
     batch_size: int
-    augment: str = "dihedral"
+    augment: Literal["dihedral", "shift", "none"] = "dihedral"
     synthetic_loss_weight: float = 1.0
     use_gpu: bool = False
     steps: int | None = None
@@ -64,8 +64,9 @@ class Recipe:
     def from_config(cls, cfg: Any) -> "Recipe":
         """Return the recipe named by ``cfg.evaluation`` (and ``cfg.ray.use_gpu``)."""
         e = cfg.evaluation
-        return cls(e.backbone, e.image_size, e.epochs, e.lr, e.weight_decay, e.batch_size, e.augment,
-                   e.synthetic_loss_weight, cfg.ray.use_gpu, e.steps)
+        return cls(backbone=e.backbone, image_size=e.image_size, epochs=e.epochs, lr=e.lr,
+                   weight_decay=e.weight_decay, batch_size=e.batch_size, augment=e.augment,
+                   synthetic_loss_weight=e.synthetic_loss_weight, use_gpu=cfg.ray.use_gpu, steps=e.steps)
 
 
 @dataclass
@@ -79,30 +80,6 @@ class ArmOutcome:
     num_real: int
     num_synthetic: int
     test: dict[str, Any]
-
-
-@dataclass
-class EvaluationResult:
-    """Per-arm outcomes, their mean/std, and each arm's gain over the baseline."""
-
-    output_uri: str
-    classes: list[str]
-    outcomes: list[ArmOutcome]
-    summary: dict[str, dict[str, list[float]]]
-    gains: dict[str, dict[str, dict]]
-    quality: dict[str, Any] = field(default_factory=dict)
-    skipped: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the result as JSON-able data."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvaluationResult":
-        """Return a result from :meth:`as_dict` data."""
-        data = dict(data)
-        data["outcomes"] = [ArmOutcome(**o) for o in data["outcomes"]]
-        return cls(**data)
 
 
 def check_labels(name: str, labels: list[str | None], classes: list[str], require_all: bool) -> None:
@@ -227,42 +204,35 @@ def evaluate_arms(splits: Splits, arms: dict[str, tuple[np.ndarray, np.ndarray]]
     return outcomes, kept
 
 
-def format_table(result: EvaluationResult) -> str:
+def format_table(summary: dict[str, dict[str, list[float]]], gains: dict[str, dict[str, dict]], n_seeds: int) -> str:
     """Return a print-ready table: each arm's mean +- std and its gain over the baseline with 95% CI."""
-    n_seeds = len({o.seed for o in result.outcomes})
     lines = [f"downstream test metrics, {n_seeds} seed(s), model selected on validation (percent)",
              f"{'arm':<12}" + "".join(f"{m:>22}" for m in SCALAR_METRICS)]
-    for arm, metrics in result.summary.items():
+    for arm, metrics in summary.items():
         cells = "".join(f"{100 * mean:>15.1f} +- {100 * std:<4.1f}" for mean, std in (metrics[m] for m in SCALAR_METRICS))
         lines.append(f"{arm:<12}{cells}")
-    for arm, gains in result.gains.items():
+    for arm, arm_gains in gains.items():
         lines.append(f"gain {arm} - baseline (95% t-interval over paired seeds):")
         for m in SCALAR_METRICS:
-            g = gains[m]
+            g = arm_gains[m]
             lines.append(f"  {m:<18} {100 * g['mean']:+6.1f} points  [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]")
     return "\n".join(lines)
 
 
-def load_splits(cfg: Any) -> Splits:
-    """Return the labeled train/val/test splits of ``histodiff.data.splits.labeled_splits(cfg)``."""
+def load_splits(split: Any, store: Any) -> Splits:
+    """Return the labeled train/val/test splits of ``histodiff.data.splits.labeled_splits``."""
     from histodiff.data.splits import labeled_splits
 
-    got = labeled_splits(cfg)
+    got = labeled_splits(split, store)
     (tx, ty, classes), (vx, vy, _), (sx, sy, _) = got["train"], got["val"], got["test"]
     return Splits(list(classes), tx, ty, vx, vy, sx, sy)
 
 
-def load_synthetic(cfg: Any, classes: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
-    """Return (uint8 NHWC tiles, class ids, manifest fingerprint) of the accepted synthetic tiles."""
-    from histodiff import storage
-    from histodiff.data.shards import MANIFEST, load_tiles, read_manifest
+def load_synthetic(uri: str, store: Any, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Return (uint8 NHWC tiles, class ids) of the accepted synthetic tiles at a shard directory."""
+    from histodiff.data.shards import load_tiles
 
-    uri = storage.join(cfg.paths.synthetic, "accepted")
-    if not storage.exists(storage.join(uri, MANIFEST), cfg.storage):
-        raise FileNotFoundError(f"no accepted synthetic tiles at {uri!r} (no {MANIFEST}); run the synthesize stage "
-                                "first, or set evaluation.synthetic_ratio=0 for a baseline-only evaluation")
-    manifest = read_manifest(uri, cfg.storage)
-    tiles, labels = load_tiles(uri, cfg.storage)
+    tiles, labels = load_tiles(uri, store)
     # A class the selector rejected entirely is a result, not bad input: the augmented arm adds
     # tiles of the other classes (sample_balanced warns). Nothing accepted at all is a result too:
     # the augmented arm is then the real tiles alone (gain 0), flagged by its synthetic count of 0.
@@ -271,86 +241,4 @@ def load_synthetic(cfg: Any, classes: list[str]) -> tuple[np.ndarray, np.ndarray
         log.warning("synthetic tiles at %s: the selector accepted no tile of any class, so the augmented arm "
                     "is the real tiles alone (gain 0). Lower synthesis.selector.threshold, or raise "
                     "synthesis.max_samples_per_class or synthesis.guidance_scale", uri)
-    ids = np.array([classes.index(c) for c in labels], dtype=np.int64)
-    return tiles, ids, manifest.fingerprint or str(manifest.num_tiles)
-
-
-def run(cfg: Any) -> EvaluationResult:
-    """Train baseline and augmented classifiers over the configured seeds; return and write the comparison."""
-    import hashlib
-
-    from histodiff import tracking
-    from histodiff.evaluate import quality
-    from histodiff.models.backbone import check_backbone_name
-    from histodiff.runtime import init_ray
-
-    e = cfg.evaluation
-    check_backbone_name(e.backbone)
-    splits = load_splits(cfg)
-    check_labels("real train split", [splits.classes[i] for i in splits.train_y], splits.classes, require_all=True)
-    arms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    syn_x, syn_fp = None, ""
-    if e.synthetic_ratio > 0:
-        syn_x, syn_y, syn_fp = load_synthetic(cfg, splits.classes)
-        idx = sample_balanced(syn_y, round(e.synthetic_ratio * len(splits.train_y)), len(splits.classes), cfg.seed)
-        arms["augmented"] = (syn_x[idx], syn_y[idx])
-    digest = hashlib.sha256(splits.train_x.tobytes() + splits.train_y.tobytes() + splits.val_y.tobytes()
-                            + splits.test_y.tobytes()).hexdigest()[:16]
-    fingerprint = f"{cfg.fingerprint('evaluation', 'seed')}-{digest}-{syn_fp}"
-    out = cfg.paths.evaluation
-    done = _load_finished(out, fingerprint, cfg)
-    if done is not None:
-        log.info("evaluation at %s is complete for this config; skipping", out)
-        return EvaluationResult.from_dict({**done, "skipped": True})
-    init_ray(cfg)
-    with tracking.stage_run(cfg, "evaluate") as tracker:
-        outcomes, state = evaluate_arms(splits, arms, Recipe.from_config(cfg), list(e.seeds),
-                                        ray_runner(cfg.ray.cpus_per_worker, cfg.ray.use_gpu),
-                                        keep_state=("baseline", e.seeds[0]))
-        summary, gains = summarise(outcomes)
-        result = EvaluationResult(out, splits.classes, outcomes, summary, gains)
-        if syn_x is not None and len(syn_x) >= 2:
-            result.quality = quality.quality_report(cfg, splits.train_x, syn_x, state, len(splits.classes), tracker)
-        _write_result(cfg, result, fingerprint, tracker)
-    return result
-
-
-def _load_finished(out: str, fingerprint: str, cfg: Any) -> dict | None:
-    from histodiff import storage
-
-    uri = storage.join(out, RESULT_FILE)
-    if not storage.exists(uri, cfg.storage):
-        return None
-    data = storage.read_json(uri, cfg.storage)
-    return data.get("result") if data.get("fingerprint") == fingerprint else None
-
-
-def _write_result(cfg: Any, result: EvaluationResult, fingerprint: str, tracker: Any) -> None:
-    """Write plots, the table and the JSON (last, as the completion marker); log them to MLflow."""
-    import io
-
-    from histodiff import storage
-    from histodiff.evaluate.metrics import confusion_figure
-
-    out = result.output_uri
-    table = format_table(result)
-    for arm in result.summary:
-        cm = np.sum([o.test["confusion_matrix"] for o in result.outcomes if o.arm == arm], axis=0)
-        fig = confusion_figure(cm.tolist(), result.classes, f"{arm}: test confusion, summed over seeds")
-        tracker.log_figure(fig, f"confusion_{arm}.png")
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        storage.write_bytes(storage.join(out, f"confusion_{arm}.png"), buf.getvalue(), cfg.storage)
-    metrics = {f"{arm}_{m}": v[0] for arm, ms in result.summary.items() for m, v in ms.items()}
-    for arm, gains in result.gains.items():
-        prefix = "gain" if arm == "augmented" else f"gain_{arm}"
-        for m, g in gains.items():
-            metrics.update({f"{prefix}_{m}": g["mean"], f"{prefix}_{m}_ci_low": g["ci_low"],
-                            f"{prefix}_{m}_ci_high": g["ci_high"]})
-    metrics.update({f"quality_{k}": v for k, v in result.quality.items() if isinstance(v, (int, float))})
-    tracker.log_metrics({k: v for k, v in metrics.items() if v == v})  # NaN (one seed) is not a metric
-    tracker.log_text(table, "evaluation_table.txt")
-    tracker.log_dict(result.as_dict(), "evaluation.json")
-    storage.write_bytes(storage.join(out, "table.txt"), (table + "\n").encode(), cfg.storage)
-    storage.write_json(storage.join(out, RESULT_FILE), {"fingerprint": fingerprint, "result": result.as_dict()},
-                       cfg.storage)
+    return tiles, np.array([classes.index(c) for c in labels], dtype=np.int64)

@@ -72,11 +72,9 @@ class InceptionFeatures(nn.Module):
         return self.net((x - self.mean) / self.std).double()
 
 
-def load_inception(uri: str, storage_cfg: Any = None) -> InceptionFeatures:
+def load_inception(uri: str, store: Any) -> InceptionFeatures:
     """Return the Inception extractor with weights read from a local path or URI."""
-    from histodiff import storage
-
-    raw = storage.read_bytes(uri, storage_cfg)
+    raw = store.read_bytes(uri)
     if uri.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
@@ -154,59 +152,42 @@ def histogram_figure(memo: dict[str, Any]) -> Any:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, kind in zip(axes, ("pixel", "feature")):
         ax.hist(memo[f"{kind}_distance"], bins=30, color="tab:blue", alpha=0.8)
         ax.axvline(memo[f"real_{kind}_nn_median"], color="tab:red", ls="--", label="real-real NN median")
         ax.set_xlabel(f"{kind} distance to nearest real training tile")
         ax.set_ylabel("synthetic tiles")
+        ax.set_title(f"memorisation check ({kind}s): left of the red line = closer than real tiles are", fontsize=8)
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def closest_pairs_grid(real: np.ndarray, fake: np.ndarray, memo: dict[str, Any], n: int) -> np.ndarray:
-    """Return an HWC uint8 image: the ``n`` synthetic tiles closest to a real tile (left) beside it (right)."""
+def closest_pairs(real: np.ndarray, fake: np.ndarray, memo: dict[str, Any], n: int) -> list[tuple[str, np.ndarray]]:
+    """Return two labelled rows: the ``n`` synthetic tiles closest to a real tile, and those real tiles."""
     order = np.argsort(memo["pixel_distance"])[:n]
-    pad = np.full((fake.shape[1], 2, 3), 255, np.uint8)
-    rows = [np.concatenate([fake[i], pad, real[memo["pixel_index"][i]]], axis=1) for i in order]
-    gap = np.full((2, rows[0].shape[1], 3), 255, np.uint8)
-    return np.concatenate([x for r in rows for x in (r, gap)][:-1], axis=0)
+    return [("synthetic", fake[order]), ("nearest real", real[[memo["pixel_index"][i] for i in order]])]
 
 
-def make_extractor(cfg: Any, baseline_state: dict | None, num_classes: int) -> tuple[nn.Module, str]:
+def make_extractor(fid_extractor: str, inception_weights_uri: str | None, store: Any, backbone: str,
+                   image_size: int, baseline_state: dict | None, num_classes: int) -> tuple[nn.Module, str]:
     """Return the configured extractor and its recorded name."""
-    e = cfg.evaluation
-    if e.fid_extractor == "inception":
-        return load_inception(e.inception_weights_uri, cfg.storage), f"inception_v3:{e.inception_weights_uri}"
+    if fid_extractor == "inception":
+        return load_inception(inception_weights_uri, store), f"inception_v3:{inception_weights_uri}"
     if baseline_state is None:
         raise ValueError("the baseline extractor needs the trained baseline model's weights")
     from histodiff.models.backbone import create_backbone
 
-    model = create_backbone(e.backbone, num_classes, e.image_size)
+    model = create_backbone(backbone, num_classes, image_size)
     model.load_state_dict(baseline_state)
-    return BackboneFeatures(model, e.image_size), f"baseline:{e.backbone}"
+    return BackboneFeatures(model, image_size), f"baseline:{backbone}"
 
 
-def quality_report(cfg: Any, real: np.ndarray, fake: np.ndarray, baseline_state: dict | None, num_classes: int,
-                   tracker: Any) -> dict[str, Any]:
-    """Return FID/KID and memorisation summaries; write the histogram and the closest-pairs grid."""
-    from histodiff import storage
-    from histodiff.data.shards import encode_png
-
-    extractor, name = make_extractor(cfg, baseline_state, num_classes)
+def quality_report(real: np.ndarray, fake: np.ndarray, extractor: nn.Module, name: str) -> tuple[dict, dict]:
+    """Return (FID/KID and memorisation summary, the per-tile memorisation distances)."""
     scores = fid_kid(real, fake, extractor)
     memo = memorisation(real, fake, features(extractor, real), features(extractor, fake))
-    out = storage.join(cfg.paths.evaluation, "quality")
-    fig = histogram_figure(memo)
-    tracker.log_figure(fig, "quality/memorisation_hist.png")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    storage.write_bytes(storage.join(out, "memorisation_hist.png"), buf.getvalue(), cfg.storage)
-    grid = closest_pairs_grid(real, fake, memo, cfg.evaluation.memorisation_pairs)
-    storage.write_bytes(storage.join(out, "closest_pairs.png"), encode_png(grid), cfg.storage)
-    tracker.log_image(grid, "quality/closest_pairs.png")
-    storage.write_json(storage.join(out, "memorisation.json"), memo, cfg.storage)
     px = np.asarray(memo["pixel_distance"])
     summary = {**scores, "extractor": name, "num_real": int(len(real)), "num_synthetic": int(len(fake)),
                "nn_pixel_min": float(px.min()), "nn_pixel_median": float(np.median(px)),
@@ -215,4 +196,4 @@ def quality_report(cfg: Any, real: np.ndarray, fake: np.ndarray, baseline_state:
                "copy_suspects": int((px < 0.25 * memo["real_pixel_nn_median"]).sum())}
     log.info("quality (%s): FID %.2f, KID %.4f, %d copy suspect(s)", name, summary["fid"], summary["kid_mean"],
              summary["copy_suspects"])
-    return summary
+    return summary, memo

@@ -1,51 +1,28 @@
-"""Autoencoder stage: train the KL autoencoder with Ray Train on the unlabeled shards, export it.
+"""The KL autoencoder's training: a plain-PyTorch step and the Ray Train worker.
 
-``train_step`` is plain PyTorch (it runs without Ray); ``train_loop`` runs it on each Ray
-Train worker over the streamed shards; ``run`` is the driver: it skips when an export with
-the same fingerprint exists, trains (resuming from the last complete checkpoint), measures
-PSNR/SSIM on held-out tiles, logs a grid of originals over reconstructions and exports.
+``train_step`` is plain PyTorch (it runs without Ray); ``train_loop`` fills in the one loop
+skeleton (:mod:`histodiff.train.loop`) on each Ray Train worker over the streamed shards.
+The driver is the ``autoencoder`` stage (:mod:`histodiff.stages.autoencoder`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
 from histodiff import checkpoint as ckpt
-from histodiff import storage, tracking
-from histodiff.config import AutoencoderConfig, HistodiffConfig, StorageConfig, config_from_dict
-from histodiff.data import shards
-from histodiff.data.readers import rows_per_pass, tile_dataset
+from histodiff.config import AutoencoderConfig
 from histodiff.models import autoencoder as ae_model
-from histodiff.runtime import autocast, device_for, init_ray, prefetch_batches, set_worker_threads
-from histodiff.train import common
+from histodiff.runtime import autocast, device_for, prefetch_batches, set_worker_threads
+from histodiff.storage import Store
+from histodiff.train import common, loop
 
 log = logging.getLogger(__name__)
-
-STAGE = "autoencoder"
-# Keys that change neither the trained weights nor the export (left out of the fingerprint).
-_NOT_TRAINING = ("report_every", "checkpoint_every", "encode_batch_size", "encode_actors", "eval_tiles", "steps")
-
-
-@dataclass
-class AutoencoderResult:
-    """Where the autoencoder went and how well it reconstructs held-out tiles."""
-
-    uri: str
-    sha256: str
-    fingerprint: str
-    steps: int
-    psnr: float
-    ssim: float
-    skipped: bool = False
 
 
 class VAEForward(nn.Module):
@@ -160,9 +137,9 @@ def load_parts(parts: TrainParts, tensors: dict[str, dict[str, torch.Tensor]], s
     return int(state["step"])
 
 
-def load_perceptual_state(uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, torch.Tensor]:
+def load_perceptual_state(uri: str, store: Store) -> dict[str, torch.Tensor]:
     """Return the perceptual net's state dict from a .safetensors or torch file (weights only)."""
-    data = storage.read_bytes(uri, storage_cfg)
+    data = store.read_bytes(uri)
     if uri.endswith(".safetensors"):
         from safetensors.torch import load
 
@@ -175,146 +152,60 @@ def load_perceptual_state(uri: str, storage_cfg: StorageConfig | None = None) ->
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train worker: stream tiles, train to ``autoencoder.steps``, checkpoint every N steps."""
-    import ray.train
-    from ray.train.torch import prepare_model
-
-    cfg = config_from_dict(config["cfg"])
-    set_worker_threads(cfg)
-    ae = cfg.autoencoder
-    info = common.worker_info()
-    device = device_for(cfg.ray.use_gpu)
-    torch.manual_seed(cfg.seed + info.rank)
-    state = load_perceptual_state(ae.perceptual_weights_uri, cfg.storage) if ae.perceptual_weight > 0 else None
-    parts = make_parts(ae, device, state, prepare=prepare_model)
-    step = 0
-    restored = common.restore(common.latest_complete_checkpoint(), "cpu")
-    if restored is not None:
-        step = load_parts(parts, *restored)
-        log.info("rank %d resumed the autoencoder at step %d", info.rank, step)
-    tracker = common.worker_tracker(config)
-    shard = ray.train.get_dataset_shard("train")
-    while step < ae.steps:
+def _tile_batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    while True:  # one pass over this worker's shard per epoch
         seen = 0
-        for batch in shard.iter_torch_batches(batch_size=ae.batch_size, drop_last=True,
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
                                               prefetch_batches=prefetch_batches(device),
-                                              local_shuffle_buffer_size=4 * ae.batch_size):
-            metrics = train_step(parts, batch["image"].to(device, non_blocking=True), step, ae, device)
-            step, seen = step + 1, seen + 1
-            if step % ae.checkpoint_every == 0 or step == ae.steps:
-                tensors, st = parts_tensors(parts)
-                common.report(metrics, step, tensors, st, config)
-            elif step % ae.report_every == 0:
-                common.report(metrics, step, loop_config=config)
-            if step % ae.report_every == 0 or step == ae.steps:
-                tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step)
-            if step >= ae.steps:
-                break
+                                              local_shuffle_buffer_size=4 * batch_size):
+            seen += 1
+            yield batch["image"].to(device, non_blocking=True)
         if seen == 0:
-            raise RuntimeError(f"the training shard yielded no full batch of {ae.batch_size} tiles; lower "
+            raise RuntimeError(f"the training shard yielded no full batch of {batch_size} tiles; lower "
                                "autoencoder.batch_size or ray.num_workers, or ingest more tiles")
 
 
-# ----------------------------------------------------------------------------- driver side
+class AutoencoderTrainee:
+    """The autoencoder (and its optional discriminator) in the training loop."""
+
+    def __init__(self, parts: TrainParts, batches: Iterator[torch.Tensor], cfg: AutoencoderConfig,
+                 device: torch.device) -> None:
+        self.parts, self.batches, self.cfg, self.device = parts, batches, cfg, device
+        self.step = 0
+
+    def train_step(self) -> dict[str, float]:
+        """Run one step on the next batch; return its losses (``loss`` is the reconstruction objective)."""
+        metrics = train_step(self.parts, next(self.batches), self.step, self.cfg, self.device)
+        self.step += 1
+        return metrics
+
+    def checkpoint(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """Return every trainable part's tensors and the optimizer layout."""
+        return parts_tensors(self.parts)
+
+    def restore(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> None:
+        """Load a checkpoint into the parts."""
+        self.step = load_parts(self.parts, tensors, state)
+
+    def report_extras(self, report: dict[str, float], saving: bool) -> dict[str, float]:
+        """Return nothing extra: the step's losses are the report."""
+        return {}
 
 
-def training_fingerprint(cfg: HistodiffConfig, manifest: shards.Manifest) -> str:
-    """Return a hash of everything that shapes the trained weights except the step count."""
-    ae = {k: v for k, v in cfg.public_dict()["autoencoder"].items() if k not in _NOT_TRAINING}
-    blob = {"autoencoder": ae, "seed": cfg.seed, "tile_size": manifest.tile_size, "workers": cfg.ray.num_workers,
-            "shards": manifest.fingerprint or [manifest.shards, manifest.num_tiles]}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def export_fingerprint(cfg: HistodiffConfig, manifest: shards.Manifest) -> str:
-    """Return the fingerprint stored with the export (training fingerprint plus steps)."""
-    return f"{training_fingerprint(cfg, manifest)}-{cfg.autoencoder.steps}"
-
-
-def first_tiles(uri: str, n: int, storage_cfg: StorageConfig | None = None) -> torch.Tensor:
-    """Return the first ``n`` tiles of a shard directory as float32 NCHW in [-1, 1] (reads few shards)."""
-    import pyarrow.parquet as pq
-
-    images: list[np.ndarray] = []
-    for shard in shards.read_manifest(uri, storage_cfg).shard_uris():
-        loc = storage.resolve(shard, storage_cfg)
-        column = pq.read_table(loc.path, filesystem=loc.fs, columns=["image"]).column("image").to_pylist()
-        images += [shards.decode_png(b) for b in column[: n - len(images)]]
-        if len(images) >= n:
-            break
-    if not images:
-        raise ValueError(f"{uri!r} holds no tiles")
-    return shards.to_model_range(np.stack(images))
-
-
-def held_out_tiles(cfg: HistodiffConfig) -> tuple[torch.Tensor, str]:
-    """Return (tiles the autoencoder never trained on, their URI): the labeled target sets first."""
-    for uri in (cfg.paths.labeled_test_shards, cfg.paths.labeled_shards):
-        if uri and storage.exists(storage.join(uri, shards.MANIFEST), cfg.storage):
-            return first_tiles(uri, cfg.autoencoder.eval_tiles, cfg.storage), uri
-    log.warning("no labeled shards to hold out; PSNR/SSIM are measured on training tiles")
-    return first_tiles(cfg.paths.unlabeled_shards, cfg.autoencoder.eval_tiles, cfg.storage), cfg.paths.unlabeled_shards
-
-
-def final_weights(cfg: HistodiffConfig, stage: str) -> tuple[dict[str, torch.Tensor], int]:
-    """Return (autoencoder state dict, step) from the run's newest complete checkpoint."""
-    import pyarrow.fs as pafs
+def train_loop(config: dict) -> None:
+    """Ray Train worker: stream tiles, train to ``autoencoder.steps`` through the loop skeleton."""
     import ray.train
+    from ray.train.torch import prepare_model
 
-    path, fs, _ = common.storage_path_and_fs(cfg)
-    fs = fs or pafs.LocalFileSystem()
-    found = common.list_complete_checkpoints(fs, f"{path}/{common.run_name(cfg, stage)}")
-    if not found:
-        raise RuntimeError(f"autoencoder training left no complete checkpoint under {cfg.paths.checkpoints!r}")
-    step, ck_path = found[-1]
-    tensors, _ = common.restore(ray.train.Checkpoint(path=ck_path, filesystem=fs))
-    return tensors["model"], step
-
-
-def run(cfg: HistodiffConfig) -> AutoencoderResult:
-    """Train (or resume) the autoencoder on the unlabeled shards and export it; skip if done."""
-    ae = cfg.autoencoder
-    manifest = shards.read_manifest(cfg.paths.unlabeled_shards, cfg.storage)
-    fp = export_fingerprint(cfg, manifest)
-    out = cfg.paths.autoencoder
-    meta_uri = storage.join(out, ckpt.MODEL_META)
-    if storage.exists(meta_uri, cfg.storage):
-        meta = storage.read_json(meta_uri, cfg.storage)
-        if meta.get("fingerprint") == fp:
-            log.info("autoencoder at %s is up to date (fingerprint %s); skipping", out, fp)
-            return AutoencoderResult(out, meta["sha256"], fp, int(meta["steps"]), float(meta["psnr"]),
-                                     float(meta["ssim"]), skipped=True)
-    need = ae.batch_size * cfg.ray.num_workers
-    if manifest.num_tiles < need:
-        raise ValueError(f"{cfg.paths.unlabeled_shards!r} holds {manifest.num_tiles} tiles, fewer than one batch "
-                         f"per worker ({need}); lower autoencoder.batch_size or ingest more tiles")
-    if ae.perceptual_weight > 0:
-        storage.check_readable(ae.perceptual_weights_uri, cfg.storage)
-    stage = f"{STAGE}-{training_fingerprint(cfg, manifest)[:8]}"
-    init_ray(cfg)
-    with tracking.stage_run(cfg, STAGE, params={"autoencoder.fingerprint": fp}) as tracker:
-        loop_config = {"cfg": cfg.public_dict(), **common.tracking_loop_config(tracker)}
-        tiles = tile_dataset(cfg.paths.unlabeled_shards, cfg, augment=cfg.data.augment, batch_size=ae.batch_size,
-                             rows_per_pass=rows_per_pass(cfg, ae.batch_size))
-        trainer = common.build_trainer(cfg, train_loop, loop_config, stage, datasets={"train": tiles})
-        trainer.fit()
-        state, step = final_weights(cfg, stage)
-        if step != ae.steps:
-            raise RuntimeError(f"autoencoder training stopped at step {step} of {ae.steps}")
-        vae = ae_model.build_autoencoder(ae)
-        vae.load_state_dict(state)
-        x, eval_uri = held_out_tiles(cfg)
-        recon = ae_model.reconstruct(vae, x)
-        quality = ae_model.reconstruction_quality(x, recon)
-        tracker.log_metrics({f"heldout/{k}": v for k, v in quality.items()}, step)
-        tracker.log_image(ae_model.comparison_grid(x, recon), "autoencoder_reconstructions.png")
-        tracker.set_tags({"histodiff.heldout_uri": eval_uri})
-        meta = {"kind": "autoencoder", "fingerprint": fp, "steps": step, **quality,
-                "downsample_factor": ae_model.downsample_factor(ae), "latent_channels": ae.latent_channels,
-                "tile_size": manifest.tile_size, "heldout_uri": eval_uri}
-        storage.delete(meta_uri, cfg.storage)  # a stale export must not look complete while it is replaced
-        sha = ckpt.export_model(vae, out, meta, cfg.storage)
-        tracker.set_tags({"histodiff.autoencoder_sha256": sha})
-    log.info("autoencoder exported to %s (psnr %.2f dB, ssim %.3f)", out, quality["psnr"], quality["ssim"])
-    return AutoencoderResult(out, sha, fp, step, quality["psnr"], quality["ssim"])
+    set_worker_threads(config["threads_per_worker"])
+    spec, store = config["spec"], config["store"]
+    ae = spec.autoencoder
+    info = common.worker_info()
+    device = device_for(config["use_gpu"])
+    torch.manual_seed(spec.seed + info.rank)
+    state = load_perceptual_state(ae.perceptual_weights_uri, store) if ae.perceptual_weight > 0 else None
+    parts = make_parts(ae, device, state, prepare=prepare_model)
+    trainee = AutoencoderTrainee(parts, _tile_batches(ray.train.get_dataset_shard("train"), ae.batch_size, device),
+                                 ae, device)
+    loop.train(trainee, loop.Cadence(ae.steps, ae.report_every, ae.checkpoint_every), config, device="cpu",
+               callbacks=config.get("callbacks", ()))

@@ -1,8 +1,8 @@
 """Ray Train plumbing shared by every training stage: the one place that builds trainers.
 
-Driver side: :func:`build_trainer` turns ``cfg.ray`` / ``cfg.paths.checkpoints`` into a
-``TorchTrainer`` whose run directory is ``<checkpoints>/<name>-<stage>``; rerunning with the
-same config resumes from it (Ray Train V2: same ``RunConfig(name, storage_path)``).
+Driver side: :func:`build_trainer` turns the stage's context (``ray`` settings, the checkpoints
+URI, the store) into a ``TorchTrainer`` whose run directory is ``<checkpoints>/<run name>``;
+rerunning with the same run name resumes from it (Ray Train V2: same ``RunConfig(name, storage_path)``).
 
 Worker side: :func:`report` writes a checkpoint (safetensors + ``state.json`` + ``COMPLETE``
 last), uploads it from rank 0 only, with retries and the marker uploaded last, and
@@ -27,8 +27,8 @@ import pyarrow.fs as pafs
 import torch
 
 from histodiff import checkpoint as ckpt
-from histodiff import runtime, storage
-from histodiff.config import HistodiffConfig, StorageConfig
+from histodiff import runtime
+from histodiff.storage import Store, is_s3, redact
 from histodiff.tracking import NULL_TRACKER, Tracker
 
 log = logging.getLogger(__name__)
@@ -47,73 +47,49 @@ class CheckpointUploadError(OSError):
 # ----------------------------------------------------------------------------- driver side
 
 
-def run_name(cfg: HistodiffConfig, stage: str) -> str:
-    """Return the Ray Train run name of a stage (resume key together with the storage path)."""
-    return f"{cfg.name}-{stage}"
-
-
-def run_uri(cfg: HistodiffConfig, stage: str) -> str:
-    """Return the URI of a stage's Ray Train run directory (where its checkpoints live)."""
-    return storage.join(storage_path_and_fs(cfg)[2], run_name(cfg, stage))
-
-
-def _storage_with_env_credentials(cfg: StorageConfig) -> StorageConfig:
-    # Resolve env credentials on the driver so the pickled filesystem works in Ray's controller
-    # and workers too, whose environment may lack them (a cluster started before the job).
-    from pydantic import SecretStr
-
-    update: dict[str, Any] = {}
-    if cfg.access_key_id is None and os.environ.get("AWS_ACCESS_KEY_ID"):
-        update["access_key_id"] = SecretStr(os.environ["AWS_ACCESS_KEY_ID"])
-    if cfg.secret_access_key is None and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        update["secret_access_key"] = SecretStr(os.environ["AWS_SECRET_ACCESS_KEY"])
-    if not update.get("access_key_id", cfg.access_key_id) or not update.get("secret_access_key",
-                                                                             cfg.secret_access_key):
-        return cfg
-    if os.environ.get("AWS_SESSION_TOKEN"):
-        return cfg  # temporary credentials: leave them to the default chain (it refreshes them)
-    return cfg.model_copy(update=update)
-
-
-def storage_path_and_fs(cfg: HistodiffConfig) -> tuple[str, pafs.FileSystem | None, str]:
+def storage_path_and_fs(checkpoints_uri: str, store: Store) -> tuple[str, pafs.FileSystem | None, str]:
     """Return (storage_path for RunConfig, its pyarrow filesystem or None, the URI it names)."""
-    uri = cfg.paths.checkpoints
-    if storage.is_s3(uri):
-        path = uri[5:].strip("/")
+    if is_s3(checkpoints_uri):
+        path = checkpoints_uri[5:].strip("/")
         if not path:
-            raise ValueError(f"paths.checkpoints={uri!r} names no bucket; use s3://bucket/prefix")
-        return path, storage.s3_filesystem(_storage_with_env_credentials(cfg.storage)), uri
-    local = storage.resolve(uri, cfg.storage).path  # absolute: Ray resolves relative paths elsewhere
+            raise ValueError(f"paths.checkpoints={checkpoints_uri!r} names no bucket; use s3://bucket/prefix")
+        # No credentials inside the filesystem that travels to the Train controller and workers:
+        # each process takes them from its node (see histodiff.runtime.SETTINGS_ENV).
+        return path, store.s3(), checkpoints_uri
+    local = store.resolve(checkpoints_uri).path  # absolute: Ray resolves relative paths elsewhere
     return local, None, local
 
 
-def build_trainer(cfg: HistodiffConfig, train_loop_per_worker: Callable[[dict], None], loop_config: dict,
-                  stage: str, datasets: dict | None = None) -> Any:
-    """Return a TorchTrainer for a stage: scaling, storage, failure and checkpoint policy from cfg."""
+def build_trainer(ctx: Any, train_loop_per_worker: Callable[[dict], None], loop_config: dict, run_name: str,
+                  datasets: dict | None = None) -> Any:
+    """Return a TorchTrainer for a stage: scaling, storage, failure and checkpoint policy from its context."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    path, fs, _ = storage_path_and_fs(cfg)
+    ray_cfg = ctx.ray
+    path, fs, _ = storage_path_and_fs(ctx.checkpoints_uri, ctx.store)
     if fs is None:
         os.makedirs(path, exist_ok=True)
     scaling = ScalingConfig(
-        num_workers=cfg.ray.num_workers,
-        use_gpu=cfg.ray.use_gpu,
-        resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+        num_workers=ray_cfg.num_workers,
+        use_gpu=ray_cfg.use_gpu,
+        resources_per_worker={"CPU": ray_cfg.cpus_per_worker},
     )
     run_config = RunConfig(
-        name=run_name(cfg, stage),
+        name=run_name,
         storage_path=path,
         storage_filesystem=fs,
-        failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
+        failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.checkpoints_to_keep),
         # Storage and tracking settings must reach the workers even on a cluster whose
         # job-level runtime_env lacks them (a known Ray + MLflow trap).
-        worker_runtime_env={"env_vars": runtime.worker_env(cfg)},
+        worker_runtime_env={"env_vars": runtime.worker_env(ctx.store.cfg)},
     )
-    config = {"stage": stage, "upload_attempts": cfg.ray.upload_attempts,
-              "upload_backoff_s": cfg.ray.upload_backoff_s,
-              "checkpoint_upload_mode": cfg.ray.checkpoint_upload_mode, **loop_config}
+    config = {"upload_attempts": ray_cfg.upload_attempts, "upload_backoff_s": ray_cfg.upload_backoff_s,
+              "checkpoint_upload_mode": ray_cfg.checkpoint_upload_mode,
+              "threads_per_worker": None if ray_cfg.use_gpu else ray_cfg.threads_per_worker,
+              "use_gpu": ray_cfg.use_gpu, "callbacks": tuple(ctx.callbacks),
+              **tracking_loop_config(ctx.tracker), **loop_config}
     return TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
                         run_config=run_config, datasets=datasets or {})
 
@@ -139,11 +115,29 @@ def list_complete_checkpoints(fs: pafs.FileSystem, run_path: str) -> list[tuple[
     return sorted(out)
 
 
-def completed_steps(cfg: HistodiffConfig, stage: str) -> list[int]:
-    """Return the steps of a stage's complete checkpoints in storage (driver side)."""
-    path, fs, _ = storage_path_and_fs(cfg)
+def completed_checkpoints(checkpoints_uri: str, run_name: str, store: Store) -> list[tuple[int, Any]]:
+    """Return sorted (step, ray.train.Checkpoint-able location) of a run's complete checkpoints (driver side)."""
+    path, fs, _ = storage_path_and_fs(checkpoints_uri, store)
     fs = fs or pafs.LocalFileSystem()
-    return [step for step, _ in list_complete_checkpoints(fs, f"{path}/{run_name(cfg, stage)}")]
+    return [(step, (p, fs)) for step, p in list_complete_checkpoints(fs, f"{path}/{run_name}")]
+
+
+def completed_steps(checkpoints_uri: str, run_name: str, store: Store) -> list[int]:
+    """Return the steps of a run's complete checkpoints in storage (driver side)."""
+    return [step for step, _ in completed_checkpoints(checkpoints_uri, run_name, store)]
+
+
+def final_checkpoint(checkpoints_uri: str, run_name: str, store: Store, steps: int, what: str) -> tuple[dict, dict]:
+    """Return (tensor groups, state) of a run's newest complete checkpoint, or raise unless it reached ``steps``."""
+    import ray.train
+
+    found = completed_checkpoints(checkpoints_uri, run_name, store)
+    if not found or found[-1][0] < steps:
+        at = f"step {found[-1][0]}" if found else "no complete checkpoint"
+        raise RuntimeError(f"{what} training stopped at {at} of {steps} (run {run_name!r} under "
+                           f"{checkpoints_uri!r}); rerun with the same config to resume")
+    path, fs = found[-1][1]
+    return restore(ray.train.Checkpoint(path=path, filesystem=fs))
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -234,12 +228,12 @@ def with_retries(fn: Callable[[], Any], what: str, attempts: int, backoff_s: flo
             return fn()
         except OSError as exc:
             if _is_permanent(exc) or attempt == attempts:
-                raise CheckpointUploadError(storage.redact(
+                raise CheckpointUploadError(redact(
                     f"{what} failed after {attempt} attempt(s) in a row: {exc}. Check that the storage "
                     "endpoint is reachable and the credentials are valid, then rerun with the same "
                     "config to resume from the last complete checkpoint.")) from None
             log.warning("%s failed (attempt %d/%d): %s; retrying in %.1fs", what, attempt, attempts,
-                        storage.redact(str(exc)), delay)
+                        redact(str(exc)), delay)
             sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")

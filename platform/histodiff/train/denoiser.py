@@ -1,9 +1,10 @@
-"""Pretrain stage: the unconditional latent denoiser, Ray Train DDP on cached latents.
+"""The unconditional latent denoiser's training: plain-PyTorch steps and the Ray Train worker.
 
 The steps are plain PyTorch (:func:`make_state`, :func:`train_step`, :func:`fit`), so a GPU
-check runs them without Ray; :func:`train_loop` wraps them on each Ray Train worker with
-streamed latents, periodic reports, checkpoints and resume; :func:`run` is the driver.
-Global batch = ``batch_size`` x ``grad_accum`` x ``num_workers``.
+check runs them without Ray; :func:`train_loop` fills in the one loop skeleton
+(:mod:`histodiff.train.loop`) on each Ray Train worker with streamed latents. The driver is the
+``pretrain`` stage (:mod:`histodiff.stages.pretrain`). Global batch = ``batch_size`` x
+``grad_accum`` x ``num_workers``.
 """
 
 from __future__ import annotations
@@ -12,44 +13,22 @@ import contextlib
 import itertools
 import logging
 import math
-import os
-import signal
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 
 from histodiff import checkpoint as ckpt
-from histodiff import storage, tracking
-from histodiff.config import DenoiserConfig, HistodiffConfig, config_from_dict
+from histodiff.config import DenoiserConfig
 from histodiff.diffusion.schedule import ddpm_scheduler
 from histodiff.models import denoiser as dn
-from histodiff.runtime import autocast, device_for, init_ray, prefetch_batches, set_worker_threads
-from histodiff.train import common
+from histodiff.runtime import autocast, device_for, prefetch_batches, set_worker_threads
+from histodiff.train import common, loop
 
 log = logging.getLogger(__name__)
 
-STAGE = "pretrain"
-FAULT_ENV = "HISTODIFF_FAULT_INJECT"
 PROBE_SIZE = 16
-
-
-@dataclass
-class PretrainResult:
-    """The exported EMA denoiser, where training stopped, and how it went."""
-
-    denoiser_uri: str
-    sha256: str
-    step: int
-    final_loss: float | None
-    probe_losses: list[list[float]] = field(default_factory=list)  # [step, loss on a fixed batch]
-    samples_per_s: float | None = None
-    run_uri: str = ""
-    resumed_from: list[list[float]] = field(default_factory=list)  # [step, probe loss right after restore]
-    skipped: bool = False
 
 
 # ----------------------------------------------------------------------------- plain PyTorch
@@ -195,196 +174,113 @@ def _shard_batches(shard: Any, batch_size: int, device: torch.device) -> Iterato
                              "or ray.num_workers, or encode more tiles")
 
 
-def _maybe_inject_fault(spec: dict | None, rank: int, step: int) -> None:
-    # Test hook (HISTODIFF_FAULT_INJECT="mode=kill,rank=1,step=5,marker=/tmp/x"): fires once.
-    if not spec or int(spec.get("rank", 0)) != rank or int(spec["step"]) != step:
-        return
-    try:
-        os.close(os.open(spec["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    log.warning("fault injection: %s at rank %d step %d", spec.get("mode", "kill"), rank, step)
-    if spec.get("mode", "kill") == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected fault at rank {rank} step {step}")
+class DenoiserTrainee:
+    """The denoiser in the training loop: DDP state, a fixed probe batch, sample grids from rank 0."""
 
+    def __init__(self, state: TrainState, batches: Iterator[torch.Tensor], config: dict, rank: int,
+                 world_size: int, vae: Any = None) -> None:
+        self.state, self.batches, self.config, self.rank, self.vae = state, batches, config, rank, vae
+        self.per_step = state.dcfg.batch_size * state.dcfg.grad_accum * world_size
+        self.probe: torch.Tensor | None = None
+        self.probes: list[list[float]] = []
+        self.resumed: float | None = None
+        self.resumed_from: list[list[float]] = []
+        self.tracker = common.worker_tracker(config)
 
-def parse_fault_spec(text: str | None) -> dict | None:
-    """Return the fault-injection spec parsed from ``key=value,...`` text, or None."""
-    if not text:
-        return None
-    spec = dict(item.split("=", 1) for item in text.split(",") if "=" in item)
-    if "step" not in spec or "marker" not in spec:
-        raise ValueError(f"{FAULT_ENV}={text!r} needs step=N and marker=PATH (and optionally rank=, mode=kill|raise)")
-    return spec
+    @property
+    def step(self) -> int:
+        """Return the global optimizer step."""
+        return self.state.step
+
+    def take_probe(self) -> None:
+        """Keep rank 0's first batch as the fixed probe batch (peeked: every rank draws the same count)."""
+        # Every rank must draw the same number of batches per epoch, or the streaming split and
+        # DDP's all-reduce wait on each other forever: peek, don't consume.
+        first = next(self.batches)
+        self.batches = itertools.chain([first], self.batches)
+        self.probe = first[:PROBE_SIZE].detach().cpu().clone()
+        self.probes = [[0, probe_loss(self.state, self.probe)]]
+
+    def train_step(self) -> dict[str, float]:
+        """Run one optimizer step over ``grad_accum`` micro-batches; return its loss and learning rate."""
+        loss = train_step(self.state, [next(self.batches) for _ in range(self.state.dcfg.grad_accum)])
+        return {"loss": loss, "lr": self.state.optimizer.param_groups[0]["lr"]}
+
+    def checkpoint(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """Return the state's tensors and JSON state, with the probe and its losses on rank 0."""
+        tensors, st = state_tensors(self.state)
+        st.update(arch=self.config["arch"], resumed_from=self.resumed_from)
+        if self.rank == 0:
+            tensors["probe"] = {"latents": self.probe}
+            st["probe_losses"] = self.probes
+        return tensors, st
+
+    def restore(self, tensors: dict[str, dict[str, torch.Tensor]], st: dict[str, Any]) -> None:
+        """Load a checkpoint; rank 0 measures the probe loss right after it (the resume is checked by it)."""
+        if st.get("arch") != self.config["arch"]:
+            raise ValueError("the checkpoint in this run was written for another denoiser architecture or "
+                             "latent shape; use a new `name` or delete that run directory")
+        load_state(self.state, tensors, st)
+        self.probe, self.probes = tensors.get("probe", {}).get("latents"), st.get("probe_losses", [])
+        # Fresh, deterministic noise after a restart rather than a replay of the pre-crash draws.
+        self.state.generator.manual_seed(self.config["seed"] * 1000 + self.rank + 7919 * self.state.step)
+        if self.rank == 0 and self.probe is not None:
+            self.resumed = probe_loss(self.state, self.probe)
+            self.resumed_from = [*st.get("resumed_from", []), [self.state.step, self.resumed]]
+            log.info("resumed at step %d (probe loss %.4f)", self.state.step, self.resumed)
+
+    def report_extras(self, report: dict[str, float], saving: bool) -> dict[str, float]:
+        """Return samples/s (and the resume's probe loss); at checkpoints the probe loss; log sample grids."""
+        s, dcfg = self.state, self.state.dcfg
+        extras = {"samples_per_s": report["steps_per_s"] * self.per_step}
+        if self.resumed is not None:
+            extras["resume_probe_loss"] = self.resumed
+        if self.rank == 0 and self.vae is not None and (s.step % dcfg.sample_every == 0 or s.step >= dcfg.steps):
+            grid = dn.sample_grid(s.unet, s.ema, self.vae, self.config["scale_factor"], dcfg.schedule, s.device,
+                                  seed=self.config["seed"])
+            self.tracker.log_image(grid, f"samples/step_{s.step:07d}.png")
+        if saving and self.rank == 0:
+            self.probes.append([s.step, probe_loss(s, self.probe)])
+            extras["probe_loss"] = self.probes[-1][1]
+        return extras
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train worker: stream latents, train with DDP, report, checkpoint, resume."""
+    """Ray Train worker: stream latents, train with DDP through the loop skeleton, resume."""
     import ray.train
     import ray.train.torch
 
-    cfg = config_from_dict(config["cfg"])
-    set_worker_threads(cfg)
-    dcfg = cfg.denoiser
+    set_worker_threads(config["threads_per_worker"])
+    spec = config["spec"]
     info = common.worker_info()
-    device = device_for(cfg.ray.use_gpu)
-    state = make_state(dcfg, config["latent_shape"], device, cfg.seed, wrap=ray.train.torch.prepare_model)
-    state.generator.manual_seed(cfg.seed * 1000 + info.rank)
-    tracker = common.worker_tracker(config)
-    batches = _shard_batches(ray.train.get_dataset_shard("train"), dcfg.batch_size, device)
-    probe, probes, resumed, resumed_from = None, [], None, []
+    device = device_for(config["use_gpu"])
+    state = make_state(spec.denoiser, config["latent_shape"], device, spec.seed, wrap=ray.train.torch.prepare_model)
+    state.generator.manual_seed(spec.seed * 1000 + info.rank)
+    batches = _shard_batches(ray.train.get_dataset_shard("train"), spec.denoiser.batch_size, device)
+    vae = _load_vae(spec, config["store"], device) if info.rank == 0 else None
+    trainee = DenoiserTrainee(state, batches, {**config, "seed": spec.seed}, info.rank, info.world_size, vae)
     restored = common.restore(common.latest_complete_checkpoint(), device)
     if restored is not None:
-        tensors, st = restored
-        if st.get("arch") != config["arch"]:
-            raise ValueError(f"the checkpoint in run {common.run_name(cfg, STAGE)!r} was written for another "
-                             "denoiser architecture or latent shape; use a new `name` or delete that run directory")
-        load_state(state, tensors, st)
-        probe, probes = tensors.get("probe", {}).get("latents"), st.get("probe_losses", [])
-        # Fresh, deterministic noise after a restart rather than a replay of the pre-crash draws.
-        state.generator.manual_seed(cfg.seed * 1000 + info.rank + 7919 * state.step)
-    if info.rank == 0 and probe is None:
-        # Peek, don't consume: every rank must draw the same number of batches per epoch, or
-        # the streaming split and DDP's all-reduce wait on each other forever.
-        first = next(batches)
-        batches = itertools.chain([first], batches)
-        probe = first[:PROBE_SIZE].detach().cpu().clone()
-        probes = [[0, probe_loss(state, probe)]]
-    if info.rank == 0 and restored is not None:
-        resumed = probe_loss(state, probe)
-        resumed_from = [*restored[1].get("resumed_from", []), [state.step, resumed]]
-        log.info("resumed at step %d (probe loss %.4f)", state.step, resumed)
-    vae = _load_vae(cfg, config) if info.rank == 0 else None
-    fault = config.get("fault_inject")
-    window: list[float] = []
-    t0, seen = time.perf_counter(), 0
-    per_step = dcfg.batch_size * dcfg.grad_accum * info.world_size
-
-    def on_step(s: TrainState, loss: float) -> None:
-        nonlocal t0, seen
-        window.append(loss)
-        seen += per_step
-        _maybe_inject_fault(fault, info.rank, s.step)
-        done = s.step >= dcfg.steps
-        save = s.step % dcfg.checkpoint_every == 0 or done
-        if not save and s.step % dcfg.report_every != 0:
-            return
-        metrics = {"loss": sum(window) / len(window), "lr": s.optimizer.param_groups[0]["lr"],
-                   "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
-        if resumed is not None:
-            metrics["resume_probe_loss"] = resumed
-        window.clear()
-        if info.rank == 0 and vae is not None and (s.step % dcfg.sample_every == 0 or done):
-            tracker.log_image(dn.sample_grid(s.unet, s.ema, vae, config["scale_factor"], dcfg.schedule, device,
-                                             seed=cfg.seed),
-                              f"samples/step_{s.step:07d}.png")
-        if save:
-            tensors, st = state_tensors(s)
-            st.update(arch=config["arch"], fingerprint=config["fingerprint"], resumed_from=resumed_from)
-            if info.rank == 0:
-                probes.append([s.step, probe_loss(s, probe)])
-                metrics["probe_loss"] = probes[-1][1]
-                tensors["probe"] = {"latents": probe}
-                st["probe_losses"] = probes
-            tracker.log_metrics(metrics, step=s.step)
-            common.report(metrics, s.step, tensors, st, config)
-        else:
-            tracker.log_metrics(metrics, step=s.step)
-            common.report(metrics, s.step, loop_config=config)
-        t0, seen = time.perf_counter(), 0
-
-    fit(state, batches, dcfg.steps, on_step)
+        trainee.restore(*restored)
+    if info.rank == 0 and trainee.probe is None:
+        trainee.take_probe()
+    d = spec.denoiser
+    state.unet.train()
+    loop.train(trainee, loop.Cadence(d.steps, d.report_every, d.checkpoint_every), config, device=device,
+               callbacks=config.get("callbacks", ()), restore=False)
 
 
-def _load_vae(cfg: HistodiffConfig, config: dict) -> Any:
+def _load_vae(spec: Any, store: Any, device: torch.device) -> Any:
     from diffusers import AutoencoderKL
 
+    if not spec.autoencoder_uri or not spec.autoencoder_sha256:
+        return None  # latents without an autoencoder export (tests): no sample grids
     try:
-        meta = ckpt.model_meta(cfg.paths.autoencoder, cfg.storage)
-    except (FileNotFoundError, storage.StorageError):
-        return None  # no autoencoder export (unit tests): no sample grids
-    if meta.get("sha256") != config.get("autoencoder_sha256"):
-        log.warning("autoencoder at %s is not the one that encoded the latents; no sample grids", cfg.paths.autoencoder)
+        meta = ckpt.model_meta(spec.autoencoder_uri, store)
+    except FileNotFoundError:
         return None
-    vae, _ = ckpt.load_exported(AutoencoderKL, cfg.paths.autoencoder, cfg.storage)
-    return vae.to(device_for(cfg.ray.use_gpu))
-
-
-# ----------------------------------------------------------------------------- driver
-
-
-def fingerprints(cfg: HistodiffConfig, latents_meta: dict) -> tuple[str, str]:
-    """Return (export fingerprint: everything that shapes the weights, architecture fingerprint)."""
-    d = cfg.public_dict()["denoiser"]
-    arch_keys = ("block_out_channels", "layers_per_block", "attention_levels", "attention_head_dim", "norm_num_groups")
-    arch = {k: d[k] for k in arch_keys} | {"shape": latents_meta["shape"]}
-    full = {"denoiser": d, "seed": cfg.seed, "num_workers": cfg.ray.num_workers, "latents": {
-        k: latents_meta.get(k) for k in ("shape", "scale_factor", "autoencoder_sha256", "num_latents")}}
-    return storage.sha256_bytes(repr(sorted(full.items())).encode())[:16], storage.sha256_bytes(repr(arch).encode())[:16]
-
-
-def _check_inputs(cfg: HistodiffConfig) -> dict:
-    from histodiff.data.encode import read_latents_meta
-
-    meta = read_latents_meta(cfg.paths.latents, cfg.storage)
-    c, h, w = meta["shape"]
-    if h != w:
-        raise ValueError(f"latents at {cfg.paths.latents!r} are {h}x{w}; the denoiser needs square latents")
-    dn.check_latent_shape(cfg.denoiser, h)
-    need = cfg.denoiser.batch_size * cfg.ray.num_workers
-    if meta["num_latents"] < need:
-        raise ValueError(f"{cfg.paths.latents!r} holds {meta['num_latents']} latents, fewer than one batch per "
-                         f"worker ({cfg.denoiser.batch_size} x {cfg.ray.num_workers}); lower denoiser.batch_size")
-    return meta
-
-
-def _export(cfg: HistodiffConfig, meta: dict, fingerprint: str) -> tuple[str, int, dict]:
-    import ray.train
-
-    path, fs, _ = common.storage_path_and_fs(cfg)
-    found = common.list_complete_checkpoints(fs or pafs.LocalFileSystem(), f"{path}/{common.run_name(cfg, STAGE)}")
-    if not found:
-        raise RuntimeError(f"pretraining left no complete checkpoint in {common.run_uri(cfg, STAGE)!r}")
-    step, ck_path = found[-1]
-    if step < cfg.denoiser.steps:
-        raise RuntimeError(f"the newest complete checkpoint is at step {step}, short of denoiser.steps="
-                           f"{cfg.denoiser.steps}; rerun with the same config to resume")
-    tensors, st = common.restore(ray.train.Checkpoint(path=ck_path, filesystem=fs) if fs else ck_path)
-    unet = dn.build_unet(cfg.denoiser, meta["shape"][0], meta["shape"][1])
-    unet.load_state_dict({**tensors["model"], **tensors["ema"]})  # EMA weights are the ones sampled from
-    sha = ckpt.export_model(unet, cfg.paths.denoiser, {
-        "kind": "denoiser", "autoencoder_sha256": meta.get("autoencoder_sha256"), "scale_factor": meta["scale_factor"],
-        "latent_shape": meta["shape"], "step": step, "fingerprint": fingerprint, "probe_losses": st.get("probe_losses"),
-        "num_parameters": dn.count_parameters(unet)}, cfg.storage)
-    return sha, step, st
-
-
-def run(cfg: HistodiffConfig) -> PretrainResult:
-    """Pretrain the denoiser on cached latents (resuming its run), export the EMA UNet; skip if done."""
-    from histodiff.data.encode import latent_dataset
-    from histodiff.data.readers import rows_per_pass
-
-    meta = _check_inputs(cfg)
-    fingerprint, arch = fingerprints(cfg, meta)
-    fault = parse_fault_spec(os.environ.get(FAULT_ENV))
-    with contextlib.suppress(FileNotFoundError, storage.StorageError):
-        done = ckpt.model_meta(cfg.paths.denoiser, cfg.storage)
-        if done.get("fingerprint") == fingerprint:
-            log.info("denoiser at %s is up to date (step %s); skipping", cfg.paths.denoiser, done.get("step"))
-            return PretrainResult(cfg.paths.denoiser, done["sha256"], done["step"], None,
-                                  done.get("probe_losses") or [], run_uri=common.run_uri(cfg, STAGE), skipped=True)
-    init_ray(cfg)
-    with tracking.stage_run(cfg, STAGE, params={"latents.num": meta["num_latents"]}) as tracker:
-        loop_config = {"cfg": cfg.public_dict(), "latent_shape": meta["shape"], "scale_factor": meta["scale_factor"],
-                       "autoencoder_sha256": meta.get("autoencoder_sha256"), "fingerprint": fingerprint,
-                       "arch": arch, "fault_inject": fault, **common.tracking_loop_config(tracker)}
-        rows = rows_per_pass(cfg, cfg.denoiser.batch_size, cfg.denoiser.grad_accum)
-        trainer = common.build_trainer(cfg, train_loop, loop_config, STAGE,
-                                       datasets={"train": latent_dataset(cfg.paths.latents, cfg, rows_per_pass=rows)})
-        result = trainer.fit()
-        sha, step, st = _export(cfg, meta, fingerprint)
-        metrics = result.metrics or {}
-        tracker.set_tags({"denoiser.sha256": sha, "denoiser.uri": cfg.paths.denoiser})
-    return PretrainResult(cfg.paths.denoiser, sha, step, metrics.get("loss"), st.get("probe_losses") or [],
-                          metrics.get("samples_per_s"), common.run_uri(cfg, STAGE), st.get("resumed_from") or [])
+    if meta.get("sha256") != spec.autoencoder_sha256:
+        log.warning("autoencoder at %s is not the one that encoded the latents; no sample grids", spec.autoencoder_uri)
+        return None
+    vae, _ = ckpt.load_exported(AutoencoderKL, spec.autoencoder_uri, store)
+    return vae.to(device)

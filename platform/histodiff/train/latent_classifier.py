@@ -1,40 +1,26 @@
-"""Latent classifier stage: train p(y | z_t, t) on the labeled TRAIN split's latents with Ray Train.
+"""The noisy-latent classifier p(y | z_t, t): its step, its plain-PyTorch fit and its Ray Train worker.
 
 Mode ``noisy`` (default) noises the scaled latents with the DDPM schedule at t ~ U[0, T) (or up
 to ``max_timestep``), as guided-diffusion does; mode ``clean`` trains at t=0 only, the reference
-code's flaw, kept so the two can be compared. Held-out (validation split) accuracy is measured
-at ``classifier.eval_timesteps`` noise levels, logged per t and as a plot, and the model is
-exported to ``cfg.paths.classifier`` with meta {kind, autoencoder_sha256, classes, mode}.
+code's flaw, kept so the two can be compared. The driver is the ``classifier`` stage
+(:mod:`histodiff.stages.classifier`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from histodiff import storage
-from histodiff.config import HistodiffConfig, LatentClassifierConfig
+from histodiff.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from histodiff.config import LatentClassifierConfig
 from histodiff.models.latent_classifier import LatentClassifier
+from histodiff.storage import Store
+from histodiff.train import common, loop
 
 log = logging.getLogger(__name__)
-
-KIND = "latent_classifier"
-
-
-@dataclass
-class ClassifierResult:
-    """Where the classifier went, its hash, and its held-out accuracy per timestep."""
-
-    classifier_uri: str
-    sha256: str
-    classes: list[str]
-    mode: str
-    val_accuracy: dict[int, float] = field(default_factory=dict)
-    skipped: bool = False
 
 
 def build_classifier(ccfg: LatentClassifierConfig, in_channels: int, num_classes: int) -> LatentClassifier:
@@ -71,25 +57,54 @@ def classifier_step(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any
     return float(loss.detach())
 
 
+class ClassifierTrainee:
+    """The latent classifier in the training loop: each step draws its batch from one per-step generator."""
+
+    def __init__(self, model: Any, optimizer: torch.optim.Optimizer, latents: torch.Tensor, labels: torch.Tensor,
+                 scheduler: Any, *, mode: str, max_timestep: int | None, batch_size: int, seed: int,
+                 device: torch.device | str) -> None:
+        self.model, self.optimizer, self.latents, self.labels = model, optimizer, latents, labels
+        self.scheduler, self.mode, self.max_timestep = scheduler, mode, max_timestep
+        self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
+        self.step = 0
+
+    def train_step(self) -> dict[str, float]:
+        """Run one step on a batch drawn by this step's own generator (a resumed run draws the same)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        n, T = self.batch_size, self.scheduler.config.num_train_timesteps
+        idx = torch.randint(0, len(self.latents), (n,), generator=gen)
+        t = sample_timesteps(n, self.mode, T, self.max_timestep, gen)
+        noise = torch.randn((n, *self.latents.shape[1:]), generator=gen)
+        self.model.train()
+        loss = classifier_step(self.model, self.optimizer, self.scheduler, self.latents[idx].to(self.device),
+                               self.labels[idx].to(self.device), t.to(self.device), noise.to(self.device))
+        self.step += 1
+        return {"loss": loss}
+
+    def checkpoint(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """Return the weights and the optimizer state."""
+        opt_t, layout = optimizer_to_tensors(self.optimizer)
+        return {"model": _unwrap(self.model).state_dict(), "optimizer": opt_t}, {"optimizer": layout}
+
+    def restore(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> None:
+        """Load the weights and the optimizer state; continue at the saved step."""
+        _unwrap(self.model).load_state_dict(tensors["model"])
+        optimizer_from_tensors(self.optimizer, tensors["optimizer"], state["optimizer"])
+        self.step = int(state["step"])
+
+    def report_extras(self, report: dict[str, float], saving: bool) -> dict[str, float]:
+        """Return nothing extra: the loss is the report."""
+        return {}
+
+
 def fit_latent_classifier(model: Any, latents: torch.Tensor, labels: torch.Tensor, scheduler: Any, *, mode: str,
                           max_timestep: int | None, steps: int, batch_size: int, lr: float, weight_decay: float,
-                          seed: int, device: torch.device | str = "cpu", start_step: int = 0,
-                          optimizer: torch.optim.Optimizer | None = None, on_step: Any = None) -> Any:
-    """Return ``model`` trained for ``steps`` on scaled latents (plain PyTorch; a Ray worker calls it)."""
-    device = torch.device(device)
-    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    T = scheduler.config.num_train_timesteps
-    model.train()
-    for step in range(start_step, steps):
-        # One generator per step: a resumed run draws exactly the batches it would have drawn.
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
-        t = sample_timesteps(batch_size, mode, T, max_timestep, gen)
-        noise = torch.randn((batch_size, *latents.shape[1:]), generator=gen)
-        loss = classifier_step(model, optimizer, scheduler, latents[idx].to(device), labels[idx].to(device),
-                               t.to(device), noise.to(device))
-        if on_step is not None:
-            on_step(step, loss, model, optimizer)
+                          seed: int, device: torch.device | str = "cpu") -> Any:
+    """Return ``model`` trained for ``steps`` on scaled latents in plain PyTorch (the same loop as on Ray)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    trainee = ClassifierTrainee(model, optimizer, latents, labels, scheduler, mode=mode, max_timestep=max_timestep,
+                                batch_size=batch_size, seed=seed, device=device)
+    loop.train(trainee, loop.Cadence(steps, steps, steps), {}, device=device)
     return model.eval()
 
 
@@ -116,75 +131,40 @@ def accuracy_at_timesteps(model: Any, latents: torch.Tensor, labels: torch.Tenso
 
 # ----------------------------------------------------------------------------- Ray Train worker
 
-STAGE = "classifier"
-
 
 def train_loop(config: dict) -> None:
-    """Ray Train worker: load the train-split latents, train (DDP), report and checkpoint, resume."""
+    """Ray Train worker: load the train-split latents, train (DDP) through the loop skeleton, resume."""
     import ray.train.torch
 
-    from histodiff.config import config_from_dict
     from histodiff.diffusion.schedule import ddpm_scheduler
     from histodiff.runtime import device_for, set_worker_threads
-    from histodiff.train import common
 
-    cfg = config_from_dict(config["cfg"])
-    set_worker_threads(cfg)
-    ccfg = cfg.classifier
+    set_worker_threads(config["threads_per_worker"])
+    spec = config["spec"]
+    ccfg = spec.classifier
     info = common.worker_info()
-    device = device_for(cfg.ray.use_gpu)
-    latents, labels = select_latents(cfg, config["train_sha1"], config["classes"])
+    device = device_for(config["use_gpu"])
+    latents, labels = select_latents(spec.latents.uri, config["store"], config["train_sha1"], config["classes"])
     model = build_classifier(ccfg, latents.shape[1], len(config["classes"])).to(device)
     model = ray.train.torch.prepare_model(model) if info.in_ray else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=ccfg.lr, weight_decay=ccfg.weight_decay)
-    start = 0
-    restored = common.restore(common.latest_complete_checkpoint(), device)
-    if restored is not None:
-        tensors, st = restored
-        _unwrap(model).load_state_dict(tensors["model"])
-        from histodiff.checkpoint import optimizer_from_tensors
-
-        optimizer_from_tensors(optimizer, tensors["optimizer"], st["optimizer"])
-        start = int(st["step"])
-        log.info("classifier resumed at step %d", start)
-    tracker = common.worker_tracker(config)
-    window: list[float] = []
-
-    def on_step(step: int, loss: float, m: Any, opt: torch.optim.Optimizer) -> None:
-        window.append(loss)
-        done = step + 1
-        if done % ccfg.report_every and done % ccfg.checkpoint_every and done != ccfg.steps:
-            return
-        metrics = {"train_loss": sum(window) / len(window)}
-        window.clear()
-        tracker.log_metrics(metrics, step=done)
-        if done % ccfg.checkpoint_every == 0 or done == ccfg.steps:
-            from histodiff.checkpoint import optimizer_to_tensors
-
-            opt_t, layout = optimizer_to_tensors(opt)
-            common.report(metrics, done, {"model": _unwrap(m).state_dict(), "optimizer": opt_t},
-                          {"optimizer": layout, "fingerprint": config["fingerprint"]}, config)
-        else:
-            common.report(metrics, done, loop_config=config)
-
     # Each rank draws its own batches (seed + rank); DDP averages their gradients.
-    fit_latent_classifier(model, latents * config["scale_factor"], labels, ddpm_scheduler(cfg.denoiser.schedule),
-                          mode=ccfg.mode, max_timestep=ccfg.max_timestep, steps=ccfg.steps,
-                          batch_size=ccfg.batch_size, lr=ccfg.lr, weight_decay=ccfg.weight_decay,
-                          seed=cfg.seed * 1000 + info.rank, device=device, start_step=start, optimizer=optimizer,
-                          on_step=on_step)
+    trainee = ClassifierTrainee(model, optimizer, latents * spec.latents.scale_factor, labels,
+                                ddpm_scheduler(spec.schedule), mode=ccfg.mode, max_timestep=ccfg.max_timestep,
+                                batch_size=ccfg.batch_size, seed=spec.seed * 1000 + info.rank, device=device)
+    loop.train(trainee, loop.Cadence(ccfg.steps, ccfg.report_every, ccfg.checkpoint_every), config, device=device,
+               callbacks=config.get("callbacks", ()))
 
 
 def _unwrap(model: Any) -> Any:
     return model.module if hasattr(model, "module") else model
 
 
-def select_latents(cfg: HistodiffConfig, sha1s: list[str], classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def select_latents(uri: str, store: Store, sha1s: list[str], classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (unscaled latents, label ids) of the labeled latents whose tile sha1 is in ``sha1s`` (in that order)."""
     from histodiff.data.encode import load_latents
 
-    uri = storage.join(cfg.paths.labeled_latents, "train")
-    z, labels, latent_sha1, _ = load_latents(uri, cfg.storage)
+    z, labels, latent_sha1, _ = load_latents(uri, store)
     row = {s: i for i, s in enumerate(latent_sha1)}
     missing = [s for s in sha1s if s not in row]
     if missing:
@@ -193,91 +173,3 @@ def select_latents(cfg: HistodiffConfig, sha1s: list[str], classes: list[str]) -
     idx = torch.tensor([row[s] for s in sha1s], dtype=torch.long)
     index = {c: i for i, c in enumerate(classes)}
     return z[idx], torch.tensor([index[labels[i]] for i in idx.tolist()], dtype=torch.long)
-
-
-# ----------------------------------------------------------------------------- driver
-
-
-def _split_sha1s(cfg: HistodiffConfig) -> tuple[list[str], list[str], list[str]]:
-    """Return (train tile sha1s, val tile sha1s, class names) from the shared labeled splits."""
-    from histodiff.data.shards import pixel_sha1
-    from histodiff.data.splits import labeled_splits
-
-    splits = labeled_splits(cfg)
-    train, val = splits["train"], splits["val"]
-    if len(val[1]) == 0:
-        raise ValueError("the labeled validation split is empty: held-out accuracy needs data.val_fraction > 0")
-    return [pixel_sha1(t) for t in train[0]], [pixel_sha1(t) for t in val[0]], list(train[2])
-
-
-def _fingerprint(cfg: HistodiffConfig, latents_meta: dict, train_sha1: list[str]) -> str:
-    data = {"classifier": cfg.public_dict()["classifier"], "seed": cfg.seed, "workers": cfg.ray.num_workers,
-            "schedule": cfg.public_dict()["denoiser"]["schedule"], "train": sorted(train_sha1),
-            "latents": {k: latents_meta.get(k) for k in ("shape", "scale_factor", "autoencoder_sha256")}}
-    return storage.sha256_bytes(repr(sorted(data.items())).encode())[:16]
-
-
-def _accuracy_plot(acc: dict[int, float], mode: str, num_classes: int) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 3))
-    ax.plot(list(acc), list(acc.values()), marker="o", label=f"mode={mode}")
-    ax.axhline(1.0 / num_classes, color="grey", ls="--", label="chance")
-    ax.set(xlabel="timestep t", ylabel="val accuracy", ylim=(0, 1.02), title="latent classifier vs noise")
-    ax.legend()
-    return fig
-
-
-def run(cfg: HistodiffConfig) -> ClassifierResult:
-    """Train the latent classifier with Ray Train, measure val accuracy per t, export; skip if done."""
-    import contextlib
-
-    import pyarrow.fs as pafs
-    import ray.train
-
-    from histodiff import checkpoint as ckpt
-    from histodiff import tracking
-    from histodiff.data.encode import read_latents_meta
-    from histodiff.diffusion.schedule import ddpm_scheduler
-    from histodiff.runtime import init_ray
-    from histodiff.train import common
-
-    latents_meta = read_latents_meta(storage.join(cfg.paths.labeled_latents, "train"), cfg.storage)
-    train_sha1, val_sha1, classes = _split_sha1s(cfg)
-    fingerprint = _fingerprint(cfg, latents_meta, train_sha1)
-    with contextlib.suppress(FileNotFoundError, storage.StorageError):
-        done = ckpt.model_meta(cfg.paths.classifier, cfg.storage)
-        if done.get("fingerprint") == fingerprint:
-            log.info("latent classifier at %s is up to date; skipping", cfg.paths.classifier)
-            acc = {int(k): v for k, v in done.get("val_accuracy", {}).items()}
-            return ClassifierResult(cfg.paths.classifier, done["sha256"], done["classes"], done["mode"], acc, True)
-    init_ray(cfg)
-    with tracking.stage_run(cfg, STAGE, params={"classes": ",".join(classes), "train_latents": len(train_sha1)}) as tracker:
-        loop_config = {"cfg": cfg.public_dict(), "train_sha1": train_sha1, "classes": classes,
-                       "scale_factor": float(latents_meta["scale_factor"]), "fingerprint": fingerprint,
-                       **common.tracking_loop_config(tracker)}
-        common.build_trainer(cfg, train_loop, loop_config, STAGE).fit()
-        path, fs, _ = common.storage_path_and_fs(cfg)
-        found = common.list_complete_checkpoints(fs or pafs.LocalFileSystem(), f"{path}/{common.run_name(cfg, STAGE)}")
-        if not found or found[-1][0] < cfg.classifier.steps:
-            raise RuntimeError(f"classifier training left no final checkpoint in {common.run_uri(cfg, STAGE)!r}; "
-                               "rerun with the same config to resume")
-        tensors, _ = common.restore(ray.train.Checkpoint(path=found[-1][1], filesystem=fs) if fs else found[-1][1])
-        model = build_classifier(cfg.classifier, latents_meta["shape"][0], len(classes))
-        model.load_state_dict(tensors["model"])
-        val_z, val_y = select_latents(cfg, val_sha1, classes)
-        acc = accuracy_at_timesteps(model, val_z * float(latents_meta["scale_factor"]), val_y,
-                                    ddpm_scheduler(cfg.denoiser.schedule), cfg.classifier.eval_timesteps, cfg.seed)
-        for t, a in acc.items():
-            tracker.log_metrics({"val_accuracy": a, f"val_accuracy_t{t}": a}, step=t)
-        tracker.log_figure(_accuracy_plot(acc, cfg.classifier.mode, len(classes)), "val_accuracy_vs_t.png")
-        sha = ckpt.export_model(model, cfg.paths.classifier, {
-            "kind": KIND, "autoencoder_sha256": latents_meta.get("autoencoder_sha256"), "classes": classes,
-            "mode": cfg.classifier.mode, "scale_factor": latents_meta["scale_factor"], "fingerprint": fingerprint,
-            "val_accuracy": {str(k): v for k, v in acc.items()}}, cfg.storage)
-        tracker.set_tags({"classifier.sha256": sha, "classifier.uri": cfg.paths.classifier})
-    log.info("latent classifier (%s): val accuracy by t %s", cfg.classifier.mode, acc)
-    return ClassifierResult(cfg.paths.classifier, sha, classes, cfg.classifier.mode, acc)

@@ -1,0 +1,144 @@
+"""The one stage runner: spec, fingerprint, skip or run, MLflow run, completion marker, registry.
+
+A stage is a module of :mod:`histodiff.stages` with ``VERSION``, a frozen ``Spec``, ``spec(cfg,
+store) -> Spec`` (only the fields the stage uses, read from the config and from its inputs'
+metadata) and ``work(spec, ctx) -> Result``. Its fingerprint is the hash of that spec plus the
+stage's name and ``VERSION``, so a changed field that the work receives, or a bumped algorithm
+version, always reruns it, and nothing else does. The runner writes ``_stage.json`` (the
+fingerprint and the result) into the spec's ``output_uri`` after the work succeeded: a crash
+leaves no marker, and the rerun resumes (training stages from their checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from histodiff import registry, tracking
+from histodiff.config import HistodiffConfig, RayConfig, TrackingConfig
+from histodiff.storage import Store, join
+
+log = logging.getLogger(__name__)
+
+MARKER = "_stage.json"
+
+
+class Spec(BaseModel):
+    """Base of every stage spec: frozen plain data; ``output_uri`` is where the stage's marker goes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    output_uri: str
+
+
+@dataclass(kw_only=True)
+class StageResult:
+    """Fields every stage result carries, set by the runner."""
+
+    run_id: str | None = None
+    seconds: float = 0.0
+    skipped: bool = False
+    registered: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """What a stage's work gets besides its spec: storage, placement, its MLflow run, test hooks."""
+
+    store: Store
+    ray: RayConfig
+    tracker: tracking.Tracker = field(default_factory=lambda: tracking.NULL_TRACKER)
+    name: str = "demo"
+    checkpoints_uri: str = ""
+    callbacks: tuple[Callable[..., None], ...] = ()  # training-loop callbacks (tests inject faults here)
+
+    def run_uri(self, run_name: str) -> str:
+        """Return where a training stage's Ray Train run (its checkpoints) lives."""
+        return join(self.checkpoints_uri, run_name)
+
+
+def stage_name(stage: ModuleType) -> str:
+    """Return a stage's name: its module's name."""
+    return stage.__name__.rsplit(".", 1)[-1]
+
+
+def fingerprint(stage: ModuleType, spec: Spec) -> str:
+    """Return the hash of a stage's spec, name and VERSION (what decides skip or rerun)."""
+    data = {"stage": stage_name(stage), "version": stage.VERSION, "spec": spec.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def spec_params(spec: Spec) -> dict[str, str]:
+    """Return the spec as flat ``{"a.b": value}`` MLflow params (long lists are kept as JSON)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+    walk("", spec.model_dump(mode="json"))
+    return out
+
+
+def _result_from(stage: ModuleType, data: dict[str, Any]) -> Any:
+    cls = stage.Result
+    return cls.from_dict(data) if hasattr(cls, "from_dict") else cls(**data)
+
+
+def finished(stage: ModuleType, spec: Spec, store: Store) -> Any | None:
+    """Return the stored result when the stage finished with this exact spec, else None."""
+    uri = join(spec.output_uri, MARKER)
+    if not store.exists(uri):
+        return None
+    done = store.read_json(uri)
+    if done.get("fingerprint") != fingerprint(stage, spec):
+        return None
+    return dataclasses.replace(_result_from(stage, done["result"]), skipped=True, registered=[])
+
+
+def run_stage(stage: ModuleType, cfg: HistodiffConfig, *, parent_run_id: str | None = None,
+              callbacks: tuple[Callable[..., None], ...] = ()) -> Any:
+    """Run one stage (or skip it when finished with the same spec); return its result with its MLflow run id."""
+    from histodiff.runtime import init_ray
+
+    name = stage_name(stage)
+    start = time.perf_counter()
+    store = Store(cfg.storage)
+    spec = stage.spec(cfg, store)  # reads and checks the inputs: before any Ray or MLflow resource
+    done = finished(stage, spec, store)
+    if done is not None:
+        log.info("%s: finished earlier with the same spec (%s); skipping", name, fingerprint(stage, spec))
+        return dataclasses.replace(done, seconds=round(time.perf_counter() - start, 3))
+    init_ray(cfg)
+    with tracking.stage_run(cfg, name, params=spec_params(spec), parent_run_id=parent_run_id) as tracker:
+        ctx = Context(store, cfg.ray, tracker, cfg.name, cfg.paths.checkpoints, callbacks)
+        result = stage.work(spec, ctx)
+        registered = register_models(stage, result, store, cfg.tracking, tracker)
+        result = dataclasses.replace(result, run_id=tracker.run_id, seconds=round(time.perf_counter() - start, 3),
+                                     registered=registered)
+        store.write_json(join(spec.output_uri, MARKER), {
+            "stage": name, "version": stage.VERSION, "fingerprint": fingerprint(stage, spec),
+            "run_id": tracker.run_id, "result": dataclasses.asdict(result)})
+    return result
+
+
+def register_models(stage: ModuleType, result: Any, store: Store, tracking_cfg: TrackingConfig,
+                    tracker: tracking.Tracker) -> list[str]:
+    """Register the models a stage exported (``MODELS``: kind -> result field with the URI); return names."""
+    out = []
+    for kind, uri_field in getattr(stage, "MODELS", {}).items():
+        registered = registry.register_export(tracking_cfg, store, tracker, kind, getattr(result, uri_field))
+        if registered is not None:
+            out.append(f"{registered.name}/{registered.version}")
+    return out

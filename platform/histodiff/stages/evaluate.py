@@ -1,0 +1,158 @@
+"""Stage ``evaluate``: a timm classifier on real tiles vs real + synthetic tiles, K seeds, one Ray task each.
+
+The protocol is :mod:`histodiff.evaluate.downstream` (equal optimizer steps per arm, model
+selection on validation only, the test split touched once). This stage picks the synthetic
+tiles (``synthetic_ratio`` x the real count, class-balanced), runs every (arm, seed), writes the
+table, the confusion matrices and the quality report, and returns the paired gains.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from histodiff.config import HistodiffConfig
+from histodiff.data import shards
+from histodiff.data.splits import SplitSpec, split_spec
+from histodiff.evaluate import quality
+from histodiff.evaluate.downstream import (ArmOutcome, Recipe, check_labels, evaluate_arms, format_table,
+                                           load_splits, load_synthetic, ray_runner, sample_balanced)
+from histodiff.evaluate.metrics import summarise
+from histodiff.models.backbone import check_backbone_name
+from histodiff.plots import confusion_figure, figure_png, labeled_grid_figure
+from histodiff.runner import Context, Spec as StageSpec, StageResult
+from histodiff.storage import Store, join
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+
+
+class SyntheticSet(BaseModel):
+    """The accepted synthetic tiles, by location and content (their manifest's fingerprint)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str
+    fingerprint: str
+
+
+class Spec(StageSpec):
+    """The recipe, the seeds, the labeled split, the synthetic set and how much of it to use, quality settings."""
+
+    recipe: Recipe
+    seeds: list[int]
+    seed: int
+    split: SplitSpec
+    synthetic: SyntheticSet | None
+    synthetic_ratio: float
+    fid_extractor: Literal["baseline", "inception"]
+    inception_weights_uri: str | None
+    memorisation_pairs: int
+
+
+@dataclass
+class Result(StageResult):
+    """Per-arm outcomes, their mean/std, and each arm's gain over the baseline."""
+
+    output_uri: str
+    classes: list[str]
+    outcomes: list[ArmOutcome]
+    summary: dict[str, dict[str, list[float]]]
+    gains: dict[str, dict[str, dict]]
+    quality: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Result":
+        """Return a result from its JSON form."""
+        return cls(**{**data, "outcomes": [ArmOutcome(**o) for o in data["outcomes"]]})
+
+    def table(self) -> str:
+        """Return the print-ready table of the arms and the gains."""
+        return format_table(self.summary, self.gains, len({o.seed for o in self.outcomes}))
+
+
+def spec(cfg: HistodiffConfig, store: Store) -> Spec:
+    """Return the evaluation spec; the synthetic set must be complete when ``synthetic_ratio`` > 0."""
+    e = cfg.evaluation
+    check_backbone_name(e.backbone)
+    synthetic = None
+    if e.synthetic_ratio > 0:
+        uri = join(cfg.paths.synthetic, "accepted")
+        if not store.exists(join(uri, shards.MANIFEST)):
+            raise FileNotFoundError(f"no accepted synthetic tiles at {uri!r} (no {shards.MANIFEST}); run "
+                                    "`histodiff run synthesize` first, or set evaluation.synthetic_ratio=0 "
+                                    "for a baseline-only evaluation")
+        manifest = shards.read_manifest(uri, store)
+        synthetic = SyntheticSet(uri=uri, fingerprint=manifest.fingerprint or str(manifest.num_tiles))
+    return Spec(output_uri=cfg.paths.evaluation, recipe=Recipe.from_config(cfg), seeds=list(e.seeds), seed=cfg.seed,
+                split=split_spec(cfg, store), synthetic=synthetic, synthetic_ratio=e.synthetic_ratio,
+                fid_extractor=e.fid_extractor, inception_weights_uri=e.inception_weights_uri,
+                memorisation_pairs=e.memorisation_pairs)
+
+
+def work(spec: Spec, ctx: Context) -> Result:
+    """Train baseline and augmented classifiers over the seeds; return and write the comparison."""
+    splits = load_splits(spec.split, ctx.store)
+    check_labels("real train split", [splits.classes[i] for i in splits.train_y], splits.classes, require_all=True)
+    arms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    syn_x = None
+    if spec.synthetic is not None:
+        syn_x, syn_y = load_synthetic(spec.synthetic.uri, ctx.store, splits.classes)
+        idx = sample_balanced(syn_y, round(spec.synthetic_ratio * len(splits.train_y)), len(splits.classes),
+                              spec.seed)
+        arms["augmented"] = (syn_x[idx], syn_y[idx])
+    outcomes, state = evaluate_arms(splits, arms, spec.recipe, spec.seeds,
+                                    ray_runner(ctx.ray.cpus_per_worker, spec.recipe.use_gpu),
+                                    keep_state=("baseline", spec.seeds[0]))
+    summary, gains = summarise(outcomes)
+    result = Result(spec.output_uri, splits.classes, outcomes, summary, gains)
+    if syn_x is not None and len(syn_x) >= 2:
+        result.quality = _quality(spec, ctx, splits.train_x, syn_x, state, len(splits.classes))
+    _write(spec, ctx, result)
+    return result
+
+
+def _quality(spec: Spec, ctx: Context, real: np.ndarray, fake: np.ndarray, state: dict | None,
+             num_classes: int) -> dict[str, Any]:
+    r = spec.recipe
+    extractor, name = quality.make_extractor(spec.fid_extractor, spec.inception_weights_uri, ctx.store, r.backbone,
+                                             r.image_size, state, num_classes)
+    summary, memo = quality.quality_report(real, fake, extractor, name)
+    out = join(spec.output_uri, "quality")
+    hist = figure_png(quality.histogram_figure(memo))
+    ctx.store.write_bytes(join(out, "memorisation_hist.png"), hist)
+    ctx.tracker.log_png(hist, "quality/memorisation_hist.png")
+    pairs = figure_png(labeled_grid_figure(quality.closest_pairs(real, fake, memo, spec.memorisation_pairs),
+                                           "synthetic tiles closest to a real training tile (copy check)"))
+    ctx.store.write_bytes(join(out, "closest_pairs.png"), pairs)
+    ctx.tracker.log_png(pairs, "quality/closest_pairs.png")
+    ctx.store.write_json(join(out, "memorisation.json"), memo)
+    return summary
+
+
+def _write(spec: Spec, ctx: Context, result: Result) -> None:
+    """Write plots, the table and the JSON result; log them to MLflow."""
+    out = result.output_uri
+    table = result.table()
+    for arm in result.summary:
+        cm = np.sum([o.test["confusion_matrix"] for o in result.outcomes if o.arm == arm], axis=0)
+        png = figure_png(confusion_figure(cm.tolist(), result.classes, f"{arm}: test confusion\n(summed over seeds)"))
+        ctx.tracker.log_png(png, f"confusion_{arm}.png")
+        ctx.store.write_bytes(join(out, f"confusion_{arm}.png"), png)
+    metrics = {f"{arm}_{m}": v[0] for arm, ms in result.summary.items() for m, v in ms.items()}
+    for arm, gains in result.gains.items():
+        prefix = "gain" if arm == "augmented" else f"gain_{arm}"
+        for m, g in gains.items():
+            metrics.update({f"{prefix}_{m}": g["mean"], f"{prefix}_{m}_ci_low": g["ci_low"],
+                            f"{prefix}_{m}_ci_high": g["ci_high"]})
+    metrics.update({f"quality_{k}": v for k, v in result.quality.items() if isinstance(v, (int, float))})
+    ctx.tracker.log_metrics({k: v for k, v in metrics.items() if v == v})  # NaN (one seed) is not a metric
+    ctx.tracker.log_text(table, "evaluation_table.txt")
+    ctx.tracker.log_dict(asdict(result), "evaluation.json")
+    ctx.store.write_bytes(join(out, "table.txt"), (table + "\n").encode())
+    ctx.store.write_json(join(out, "evaluation.json"), asdict(result))
