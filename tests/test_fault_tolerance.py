@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 
+from bench.toys import write_synthetic_latents as write_latents
 from histodiff import checkpoint as ckpt
 from histodiff import storage
 from histodiff.config import load_config
 from histodiff.train import common
 from histodiff.train import denoiser as tr
-from histodiff.bench.generative import write_synthetic_latents as write_latents
 from test_denoiser import ray_cfg
 
 pytestmark = pytest.mark.slow
