@@ -7,7 +7,7 @@
 # Steps, each under `timeout` and a shared deadline (TOTAL_S, default 420 s):
 #   0. install the carried wheels (.whl: diffusers, pydantic & deps) into $SITE, nvidia-smi
 #   1. pytest -m gpu on the test files that hold gpu-marked tests          -> $OUT/pytest.log
-#   2. python -m histodiff.bench.gpu --out $OUT   (histodiff_gpu.json)     -> $OUT/bench_gpu.log
+#   2. python -m bench.areas.gpu --out $OUT   (histodiff_gpu.json)         -> $OUT/bench_gpu.log
 #   3. .gpu/gpu_baseline.py (copy of ../shared/bench; gpu_anchor.json)     -> $OUT/baseline.log
 # Everything else goes to $OUT/run.log. At most 7 files come back.
 set -u
@@ -46,15 +46,16 @@ for p in ('typing_extensions', 'zipp', 'huggingface_hub', 'safetensors', 'numpy'
     try: print('system', p, m.version(p))
     except Exception as e: print('system', p, 'MISSING', e)" >>"$LOG" 2>&1
 
+# histodiff from platform/, the benchmarks and toys (package bench) from the repo root.
 if [ "$WHEELS" = 1 ]; then
   t0=$SECONDS
   if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl >>"$LOG" 2>&1; then
     say "FATAL: wheel install failed (see run.log)"; exit 1
   fi
-  export PYTHONPATH=$SITE:$PWD/platform
+  export PYTHONPATH=$SITE:$PWD/platform:$PWD
   say "wheels installed into $SITE in $((SECONDS - t0))s: $(ls .whl | tr '\n' ' ')"
 else
-  export PYTHONPATH=$PWD/platform${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$PWD/platform:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 "$PY" -c "import sys, torch, diffusers, pydantic, timm
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(),
@@ -76,7 +77,7 @@ step pytest-gpu 100 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovi
 
 # 2. histodiff's own GPU benchmark.
 SMALL_ARG=(); [ "$SMALL" = 1 ] && SMALL_ARG=(--small)
-step bench-gpu 150 "$OUT/bench_gpu.log" "$PY" -m histodiff.bench.gpu "${SMALL_ARG[@]}" --out "$OUT"
+step bench-gpu 150 "$OUT/bench_gpu.log" "$PY" -m bench.areas.gpu "${SMALL_ARG[@]}" --out "$OUT"
 
 # 3. the plain diffusers baseline (writes $OUT/gpu_anchor.json after every figure; compile last).
 # A CPU dry run skips its torch.compile probe (minutes on 2 cores) unless COMPILE=1.

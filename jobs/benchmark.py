@@ -1,14 +1,19 @@
-"""Run every benchmark area (platform/histodiff/bench/<area>.py) and merge into bench/results.json.
+"""Run every benchmark area (bench/areas/<area>.py) and merge into bench/results.json.
 
-``python jobs/benchmark.py [--only AREA] [--output bench/results.json]``
+``python jobs/benchmark.py [--only AREA] [--output bench/results.json]``, from the repository root.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from histodiff.benchmarks import run_benchmarks
-from histodiff.runtime import setup_logging
+# The benchmarks are the top-level package ``bench``, not part of the installed histodiff.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.runner import run_benchmarks  # noqa: E402
+from histodiff.runtime import setup_logging  # noqa: E402
 
 
 def main() -> None:

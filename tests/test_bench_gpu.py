@@ -1,4 +1,4 @@
-"""The GPU check (histodiff.bench.gpu): its --small CPU dry run goes through every figure's path."""
+"""The GPU check (bench.areas.gpu): its --small CPU dry run goes through every figure's path."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from histodiff import benchmarks
-from histodiff.bench import gpu
+from bench import gpu_figures, runner
+from bench.areas import gpu
 
 EXPECTED = {"gpu_bf16_matmul_tflops", "mfu_gpu", "gpu_denoiser_samples_per_s", "gpu_denoiser_train_flops_per_sample",
             "gpu_autoencoder_samples_per_s", "gpu_guided_vs_unguided_step_ratio", "gpu_guided_step_ms",
@@ -28,7 +28,7 @@ def test_small_dry_run_writes_every_figure(tmp_path, capsys):
     assert set(figures) == EXPECTED
     assert not (tmp_path / gpu.ERRORS).exists()
     for key, fig in figures.items():
-        benchmarks.check_entry(key, fig)
+        runner.check_entry(key, fig)
         assert "CPU --small dry run" in fig["measured"] and torch.__version__ in fig["measured"]
         for v in _numbers(fig["value"]):
             assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, (key, fig["value"])
@@ -43,7 +43,7 @@ def test_one_failing_figure_keeps_the_others(tmp_path, monkeypatch):
     def boom(s):
         raise RuntimeError("planted")
 
-    monkeypatch.setattr(gpu, "FIGURES", {"peak": gpu.peak, "boom": boom, "after": gpu.peak})
+    monkeypatch.setattr(gpu, "FIGURES", {"peak": gpu_figures.peak, "boom": boom, "after": gpu_figures.peak})
     s = gpu.measure(small=True, out=str(tmp_path))
     assert set(json.loads((tmp_path / gpu.RESULTS).read_text())) == {"gpu_bf16_matmul_tflops"}
     assert json.loads((tmp_path / gpu.ERRORS).read_text()) == {"boom": "RuntimeError: planted"}
@@ -59,18 +59,18 @@ def test_out_of_memory_halves_the_batch():
             raise torch.OutOfMemoryError("CUDA out of memory (planted)")
         return b * 10
 
-    assert gpu._halving(fn, 64, torch.device("cpu")) == (160, 16)
+    assert gpu_figures.halving(fn, 64, torch.device("cpu")) == (160, 16)
     assert tried == [64, 32, 16]
     with pytest.raises(torch.OutOfMemoryError):
-        gpu._halving(lambda b: (_ for _ in ()).throw(torch.OutOfMemoryError("always")), 2, torch.device("cpu"))
+        gpu_figures.halving(lambda b: (_ for _ in ()).throw(torch.OutOfMemoryError("always")), 2, torch.device("cpu"))
 
 
 def test_benchmark_area_returns_nothing_without_cuda(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "gpu" in benchmarks.areas()
-    with caplog.at_level("INFO", logger="histodiff.bench.gpu"):
+    assert "gpu" in runner.areas()
+    with caplog.at_level("INFO", logger="bench.areas.gpu"):
         assert gpu.run(str(tmp_path)) == {}
     assert "no CUDA" in caplog.text
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError, match="--small"):
-        gpu.make_setup(small=False)
+        gpu_figures.make_setup(small=False)

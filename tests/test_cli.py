@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
-from histodiff import benchmarks
+from bench import runner
 from histodiff.cli import main, mlflow_hint, parse_args
 from histodiff.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_parser_knows_every_stage_and_command():
@@ -49,19 +52,35 @@ def test_run_ingest_through_the_cli(ray_local, builtin_data, tmp_path, capsys):
 
 
 def test_benchmark_runner_merges_and_keeps_other_areas(tmp_path, monkeypatch):
-    area = types.ModuleType("histodiff.bench.tmparea")
+    area = types.ModuleType("bench.areas.tmparea")
     area.run = lambda workdir: {"tmp_ratio": {"value": 2.5, "unit": "x", "goal": "higher", "measured": "now"}}
-    monkeypatch.setitem(sys.modules, "histodiff.bench.tmparea", area)
-    monkeypatch.setattr(benchmarks, "areas", lambda: ["tmparea"])
+    monkeypatch.setitem(sys.modules, "bench.areas.tmparea", area)
+    monkeypatch.setattr(runner, "areas", lambda: ["tmparea"])
     out = tmp_path / "results.json"
     out.write_text(json.dumps({"other_area_key": {"value": 1, "unit": "s", "goal": "g", "measured": "m"}}))
-    measured = benchmarks.run_benchmarks(str(out), only="tmparea", workdir=str(tmp_path / "w"))
+    measured = runner.run_benchmarks(str(out), only="tmparea", workdir=str(tmp_path / "w"))
     assert measured["tmp_ratio"]["value"] == 2.5
     merged = json.loads(out.read_text())
     assert set(merged) == {"other_area_key", "tmp_ratio"}
     with pytest.raises(ValueError, match="unknown benchmark area"):
-        benchmarks.run_benchmarks(str(out), only="nope")
+        runner.run_benchmarks(str(out), only="nope")
     area.run = lambda workdir: {"bad": {"value": 1}}
     with pytest.raises(RuntimeError, match="tmparea"):
-        benchmarks.run_benchmarks(str(out), only="tmparea", workdir=str(tmp_path / "w"))
+        runner.run_benchmarks(str(out), only="tmparea", workdir=str(tmp_path / "w"))
     assert set(json.loads(out.read_text())) == {"other_area_key", "tmp_ratio"}  # a failed area loses nothing
+
+
+def test_bench_runs_from_a_checkout_and_says_so_elsewhere(tmp_path, monkeypatch, capsys):
+    area = types.ModuleType("bench.areas.tmparea")
+    area.run = lambda workdir: {"tmp_ratio": {"value": 2.5, "unit": "x", "goal": "higher", "measured": "now"}}
+    monkeypatch.setitem(sys.modules, "bench.areas.tmparea", area)
+    monkeypatch.setattr(runner, "areas", lambda: ["tmparea"])
+    monkeypatch.setattr(sys, "path", [*sys.path])  # the command puts the checkout on it
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "results.json"
+    assert main(["bench", "tmparea", "--output", str(out), "--workdir", str(tmp_path / "w")]) == 0
+    assert "tmp_ratio: 2.5 x" in capsys.readouterr().out and "tmp_ratio" in json.loads(out.read_text())
+    monkeypatch.chdir(tmp_path)  # no bench/ here: an installed histodiff has no benchmarks
+    assert main(["bench", "tmparea"]) == 2
+    err = capsys.readouterr().err
+    assert "from a histodiff checkout" in err and len(err.strip().splitlines()) == 1

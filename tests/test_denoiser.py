@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from bench.toys import write_synthetic_latents as write_latents
 from histodiff import checkpoint as ckpt
 from histodiff.config import load_config
 from histodiff.models import denoiser as dn
@@ -15,7 +16,6 @@ from histodiff.stages import pretrain
 from histodiff.storage import Store
 from histodiff.train import common
 from histodiff.train import denoiser as tr
-from histodiff.bench.generative import write_synthetic_latents as write_latents
 
 SMALL = ["denoiser.block_out_channels=[32, 32]", "denoiser.attention_levels=[false, true]",
          "denoiser.norm_num_groups=8", "denoiser.attention_head_dim=8", "denoiser.batch_size=8",

@@ -8,13 +8,13 @@ import shutil
 import pytest
 
 from histodiff.storage import Store
+from bench.toys import write_synthetic_latents as write_latents
 from histodiff import checkpoint as ckpt
 from histodiff import storage
 from histodiff.config import load_config
 from histodiff.runner import run_stage
 from histodiff.stages import pretrain
 from histodiff.train import common
-from histodiff.bench.generative import write_synthetic_latents as write_latents
 from test_denoiser import ray_cfg
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from histodiff.bench import guidance as toy
+from bench import toys as toy
 from histodiff.diffusion.guidance import alpha_bar_at, classifier_grad_fn, guided_eps
 from histodiff.diffusion.sampling import ddim_sample
 from histodiff.diffusion.schedule import ddim_scheduler, ddpm_scheduler

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from histodiff.bench import guidance as toy
+from bench import toys as toy
 from histodiff.checkpoint import export_model, load_exported
 from histodiff.diffusion.schedule import ddpm_scheduler
 from histodiff.models.latent_classifier import LatentClassifier

@@ -24,7 +24,7 @@ def unet():
 
 @pytest.fixture(scope="module")
 def classifier():
-    from histodiff.bench.guidance import toy_classifier
+    from bench.toys import toy_classifier
 
     torch.manual_seed(0)
     return toy_classifier().eval()

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from histodiff.storage import Store
+from bench import toys as toy
 from histodiff.augment.selection import (cap_by_score, centroid_rule, class_centroids, confidence_rule,
                                          export_selector, load_selector, train_selector)
-from histodiff.bench import guidance as toy
+from histodiff.storage import Store
 from histodiff.data.shards import to_model_range
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -16,28 +17,44 @@ from histodiff import submit
 from histodiff.config import ConfigError
 
 
-def test_entrypoint_uses_the_cli_a_repo_config_and_joins_the_cluster(tmp_path):
+def test_entrypoint_uses_the_cli_a_preset_or_a_shipped_config_and_joins_the_cluster(tmp_path, monkeypatch):
     command = submit.entrypoint("pretrain", "tiny", ["denoiser.steps=5", "paths.root=s3://b/x y"])
-    assert shlex.split(command) == ["python", "-m", "histodiff.cli", "run", "pretrain", "--config",
-                                    "jobs/configs/tiny.yaml", "denoiser.steps=5", "paths.root=s3://b/x y",
-                                    "ray.address=auto"]
+    # A preset goes by name: the package shipped as py_modules carries the presets.
+    assert shlex.split(command) == ["python", "-m", "histodiff.cli", "run", "pretrain", "--config", "tiny",
+                                    "denoiser.steps=5", "paths.root=s3://b/x y", "ray.address=auto"]
     sweep = shlex.split(submit.entrypoint("sweep", "paper", [], space="tuning/search_space.yaml"))
-    assert sweep[3:5] == ["sweep", "--config"] and "--space" in sweep
+    assert sweep[3:5] == ["sweep", "--config"] and sweep[sweep.index("--space") + 1] == "tuning/search_space.yaml"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        submit.entrypoint("ingest", "tinny", [])
+    shipped = tmp_path / "shipped"
+    (shipped / "configs").mkdir(parents=True)
+    (shipped / "configs" / "mine.yaml").write_text("name: mine\n")
     outside = tmp_path / "mine.yaml"
     outside.write_text("name: mine\n")
+    monkeypatch.setattr(submit, "working_dir", lambda: shipped)
+    command = submit.entrypoint("ingest", str(shipped / "configs" / "mine.yaml"), [])
+    assert shlex.split(command)[shlex.split(command).index("--config") + 1] == "configs/mine.yaml"
     with pytest.raises(ConfigError, match="outside"):
         submit.entrypoint("ingest", str(outside), [])
 
 
-def test_runtime_env_ships_the_package_and_no_secret(monkeypatch):
+def test_runtime_env_ships_the_package_and_no_secret(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-never-shipped")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     env = submit.runtime_env()
-    assert env["py_modules"] == [str(submit.PACKAGE_DIR)] and env["working_dir"] == str(submit.REPO_ROOT)
+    assert submit.checkout_root() == Path(__file__).resolve().parents[1]  # the tests run from a checkout
+    assert env["py_modules"] == [str(submit.PACKAGE_DIR)] and env["working_dir"] == str(submit.checkout_root())
+    assert (submit.PACKAGE_DIR / "presets" / "tiny.yaml").is_file()  # the presets travel with the package
     assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert "s3cr3t-never-shipped" not in repr(env) and ".venv" in env["excludes"]
     assert "torch>=2.4" in submit.runtime_env(pip=True)["pip"]
     assert submit.auth_headers("tok") == {"Authorization": "Bearer tok"}
+    # An installed histodiff (no checkout around it) ships the current directory and its metadata's requirements.
+    monkeypatch.setattr(submit, "checkout_root", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    assert submit.runtime_env()["working_dir"] == str(tmp_path)
+    deps = submit.dependencies()
+    assert any(d.replace(" ", "").startswith("torch>=") for d in deps) and not any("pytest" in d for d in deps)
 
 
 @pytest.fixture

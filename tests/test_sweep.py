@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
+from bench import toys as toy
 from histodiff.storage import Store
 from histodiff import sweep
-from histodiff.bench import guidance as toy
 from histodiff.config import ConfigError, _merge, config_from_dict, load_config, parse_overrides
 from histodiff.sweep_report import error_kinds, heatmap_figure, recommend, summary_text, table_csv
 

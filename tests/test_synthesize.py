@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from bench import toys as toy
 from histodiff import storage
 from histodiff.augment import synthesize
-from histodiff.bench import guidance as toy
 from histodiff.checkpoint import MODEL_META, model_meta
 from histodiff.config import ConfigError, load_config
 from histodiff.data import shards

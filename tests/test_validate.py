@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from histodiff.evaluate import validate
+from bench import validation as validate
 
 
 def test_mnist_tiles_are_padded_rgb_and_splits_are_disjoint():

@@ -1,7 +1,8 @@
 """Typed configuration for every stage: one source for every default.
 
-A run is described by one :class:`HistodiffConfig`. Presets in ``jobs/configs/*.yaml``
-override its defaults, and command-line ``dotted.key=value`` pairs override the preset.
+A run is described by one :class:`HistodiffConfig`. Presets (``histodiff/presets/*.yaml``,
+shipped inside the package) override its defaults, and command-line ``dotted.key=value``
+pairs override the preset.
 Every error (an unknown key, a wrong type, an out-of-range value) is raised here, as one
 :class:`ConfigError` that names the key, before any Ray or cluster resource is taken.
 """
@@ -17,7 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+# Package data: an installed histodiff finds its presets wherever it is installed.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 class ConfigError(ValueError):

@@ -1,9 +1,10 @@
 """Submit a stage, the pipeline or the sweep to a Ray cluster through Ray's job API.
 
-The job's runtime_env ships this checkout: ``py_modules`` carries ``platform/histodiff``
-(so the cluster runs exactly this code, over whatever version its image installed) and
-``working_dir`` carries ``jobs/``, ``jobs/configs/`` and ``tuning/``. The config is
-validated here, before anything is sent. Secrets are not sent: the cluster's own
+The job's runtime_env ships this code: ``py_modules`` carries the ``histodiff`` package with
+its presets (so the cluster runs exactly this code, over whatever version its image installed)
+and ``working_dir`` carries the checkout's ``jobs/`` and ``tuning/`` (for an installed
+histodiff, the current directory), where a config given as a YAML path must lie. The config
+is validated here, before anything is sent. Secrets are not sent: the cluster's own
 credentials (a Kubernetes secret, an instance role) are used on the cluster.
 """
 
@@ -21,7 +22,6 @@ from histodiff.config import ConfigError, load_config, resolve_preset
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Settings (never secrets) that the job needs to find storage and tracking on the cluster.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
@@ -30,42 +30,72 @@ EXCLUDES = [".venv", ".git", "outputs", "mlflow.db", "mlruns", "mlartifacts", "b
             "__pycache__", ".pytest_cache", "platform", ".whl", ".gpu", ".gl"]
 
 
-def _relative_to_repo(path: Path, what: str) -> str:
+def checkout_root() -> Path | None:
+    """Return the repository this package runs from (``platform/histodiff``), or None for an installed package."""
+    root = PACKAGE_DIR.parents[1]
+    return root if PACKAGE_DIR.parent.name == "platform" and (root / "pyproject.toml").is_file() else None
+
+
+def working_dir() -> Path:
+    """Return the folder shipped as the job's working_dir: the checkout, else the current directory."""
+    return checkout_root() or Path.cwd()
+
+
+def _inside_working_dir(path: Path, what: str) -> str:
+    root = working_dir()
     try:
-        return str(path.resolve().relative_to(REPO_ROOT))
+        return str(path.resolve().relative_to(root))
     except ValueError:
-        raise ConfigError(f"{what} {str(path)!r} is outside {REPO_ROOT}; only files inside the checkout are "
-                          "shipped to the cluster: copy it under jobs/configs/ (or tuning/)") from None
+        raise ConfigError(f"{what} {str(path)!r} is outside {root}, the folder shipped to the cluster as the "
+                          f"job's working_dir; move it inside {root} (a preset name such as 'tiny' needs no file)") \
+            from None
+
+
+def _config_arg(config: str) -> str:
+    path = resolve_preset(config)  # raises ConfigError for an unknown preset or a missing file
+    if Path(config).suffix in (".yaml", ".yml"):
+        return _inside_working_dir(path, "config file")
+    return config  # a preset name: the presets travel inside the package (py_modules)
 
 
 def entrypoint(stage: str, config: str, overrides: list[str], space: str | None = None) -> str:
-    """Return the job's shell command: the same CLI, with the config as a path inside working_dir."""
-    cfg_path = _relative_to_repo(resolve_preset(config), "config file")
+    """Return the job's shell command: the same CLI, with a preset name or a YAML path inside working_dir."""
+    cfg_path = _config_arg(config)
     # Inside a Ray job the driver must join the cluster, not start an embedded Ray.
     args = ["python", "-m", "histodiff.cli", "sweep" if stage == "sweep" else "run"]
     if stage != "sweep":
         args.append(stage)
     args += ["--config", cfg_path]
     if space:
-        args += ["--space", _relative_to_repo(Path(space), "search space")]
+        args += ["--space", _inside_working_dir(Path(space), "search space")]
     args += [*overrides, "ray.address=auto"]
     return " ".join(shlex.quote(a) for a in args)
 
 
 def runtime_env(pip: bool = False) -> dict:
-    """Return the runtime_env that ships this checkout (code, job files, presets) to the cluster."""
+    """Return the runtime_env that ships this code (the package with its presets, the working_dir) to the cluster."""
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     # The job's driver passes its own env_vars to ray.init (histodiff.runtime.init_ray); without
     # this, Ray refuses to merge two runtime_envs that name the same variable.
     env_vars["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
-    env = {"working_dir": str(REPO_ROOT), "excludes": EXCLUDES, "py_modules": [str(PACKAGE_DIR)],
+    env = {"working_dir": str(working_dir()), "excludes": EXCLUDES, "py_modules": [str(PACKAGE_DIR)],
            "env_vars": env_vars}
     if pip:
+        env["pip"] = dependencies()
+    return env
+
+
+def dependencies() -> list[str]:
+    """Return histodiff's runtime requirements: the checkout's pyproject.toml, else the installed metadata."""
+    root = checkout_root()
+    if root is not None:  # the checkout's own list: it may be newer than what was installed from it
         import tomllib
 
-        with open(REPO_ROOT / "pyproject.toml", "rb") as f:
-            env["pip"] = list(tomllib.load(f)["project"]["dependencies"])
-    return env
+        with open(root / "pyproject.toml", "rb") as f:
+            return list(tomllib.load(f)["project"]["dependencies"])
+    from importlib.metadata import requires
+
+    return [r for r in requires("histodiff") or [] if "extra ==" not in r]
 
 
 def auth_headers(token: str | None) -> dict[str, str]:

@@ -1,22 +1,22 @@
-"""Benchmark and toy setup for classifier guidance: step cost, acceptance rate, guidance precision.
+"""Toy models and data shared by the tests and the ``guidance`` and ``generative`` benchmarks.
 
-The toy setup (shared with tests/test_guidance.py) is a tiny unconditional UNet and a tiny
-noisy-latent classifier trained for seconds on structured 3-class "latents", with a
-rule-based judge that never saw either model (it correlates with the class templates).
+The guidance toy is a tiny unconditional UNet and a tiny noisy-latent classifier trained for
+seconds on structured 3-class "latents", with a rule-based judge that never saw either model
+(it correlates with the class templates). :func:`write_toy_inputs` writes everything the
+synthesize stage reads; :func:`write_synthetic_latents` writes latents as the encode stage does.
+They live here, not in ``tests/``, because the benchmarks run them too and ``tests/`` is not a
+package the benchmarks could import.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from histodiff.config import ScheduleConfig
-from histodiff.diffusion.schedule import ddim_scheduler, ddpm_scheduler
+from histodiff.diffusion.schedule import ddpm_scheduler
 from histodiff.models.latent_classifier import LatentClassifier
 
 TOY_SHAPE = (3, 4, 4)
@@ -160,95 +160,33 @@ def write_toy_inputs(root: str, unet: Any = None, classifier: Any = None, n_per_
     return cfg
 
 
-def _measured() -> str:
-    import os
-    import platform
+def write_synthetic_latents(uri: str, n: int, shape: tuple[int, ...] = (3, 8, 8), scale_factor: float = 0.5,
+                            parts: int = 2, seed: int = 0, storage_cfg: Any = None) -> dict:
+    """Write ``n`` smooth random fp16 latents in the encode stage's format (parts, then _latents.json); return the meta."""
+    import hashlib
 
-    return f"{datetime.now(timezone.utc):%Y-%m-%d} {platform.machine()} {os.cpu_count()} CPUs (torch {torch.__version__})"
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    from histodiff.storage import Store, join
 
-def step_ratio(batch_size: int = 32, steps: int = 10, repeats: int = 3) -> tuple[float, float, float]:
-    """Return (guided s/step, unguided s/step, ratio) at the tiny preset's sizes (8x8x3 latents), best of repeats."""
-    from histodiff.config import load_config
-    from histodiff.diffusion.guidance import classifier_grad_fn
-    from histodiff.diffusion.sampling import ddim_sample
-    from histodiff.models.denoiser import build_unet
-    from histodiff.train.latent_classifier import build_classifier
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    # Low-frequency structure, as real latents have, so a denoiser has something to learn.
+    base = rng.normal(size=(n, c, 2, 2)).repeat(h // 2, axis=2).repeat(w // 2, axis=3)
+    z = (base / scale_factor + 0.1 * rng.normal(size=(n, c, h, w))).astype(np.float16)
+    names = []
+    for i, idx in enumerate(np.array_split(np.arange(n), parts)):
+        rows = [z[j].tobytes() for j in idx]
+        table = pa.table({"latent": pa.array(rows, pa.binary()), "label": pa.array([None] * len(idx), pa.string()),
+                          "sha1": pa.array([hashlib.sha1(r).hexdigest() for r in rows], pa.string())})
+        names.append(f"part-{i:05d}.parquet")
+        loc = Store(storage_cfg).resolve(join(uri, names[-1]))
+        loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, loc.path, filesystem=loc.fs)
+    meta = {"shape": list(shape), "scale_factor": scale_factor, "autoencoder_sha256": "synthetic", "num_latents": n,
+            "shards": names}
+    Store(storage_cfg).write_json(join(uri, "_latents.json"), meta)
+    return meta
 
-    cfg = load_config("tiny")
-    torch.manual_seed(0)
-    unet = build_unet(cfg.denoiser, 3, 8).eval().requires_grad_(False)
-    clf = build_classifier(cfg.classifier, 3, 3).eval().requires_grad_(False)
-    sched = ddim_scheduler(cfg.denoiser.schedule)
-    shape = (batch_size, 3, 8, 8)
-    cond = classifier_grad_fn(clf, torch.zeros(batch_size, dtype=torch.long), cfg.synthesis.guidance_scale)
-    best = {"guided": float("inf"), "unguided": float("inf")}
-    for _ in range(repeats):
-        # Interleaved, so a burst of load on a shared machine hits both alike.
-        for name, fn in (("unguided", None), ("guided", cond)):
-            t0 = time.perf_counter()
-            ddim_sample(unet, sched, shape, torch.Generator().manual_seed(0), steps, 1.0, cond_fn=fn)
-            best[name] = min(best[name], (time.perf_counter() - t0) / steps)
-    return best["guided"], best["unguided"], best["guided"] / best["unguided"]
-
-
-def run(workdir: str) -> dict[str, dict]:
-    """Return the guidance benchmark: step-cost ratio, accepted tiles/s and guided vs unguided precision."""
-    import os
-    import shutil
-
-    import ray
-
-    from histodiff.augment import synthesize
-
-    measured = _measured()
-    guided_s, unguided_s, ratio = step_ratio()
-    torch.manual_seed(0)
-    unet = train_toy_unet(steps=250, seed=0)
-    clf = toy_classifier()
-    from histodiff.train.latent_classifier import fit_latent_classifier
-
-    z, y = toy_latents(600, seed=1)
-    fit_latent_classifier(clf, z, y, ddpm_scheduler(toy_schedule()), mode="noisy", max_timestep=None, steps=200,
-                          batch_size=64, lr=2e-3, weight_decay=0.0, seed=0)
-    precision = {}
-    for scale in (0.0, 3.0):
-        from histodiff.diffusion.guidance import classifier_grad_fn
-        from histodiff.diffusion.sampling import ddim_sample
-
-        yy = torch.arange(TOY_CLASSES).repeat_interleave(32)
-        cond = classifier_grad_fn(clf, yy, scale) if scale > 0 else None
-        zz = ddim_sample(unet, ddim_scheduler(toy_schedule()), (len(yy), *TOY_SHAPE), torch.Generator().manual_seed(7),
-                         20, 1.0, cond_fn=cond)
-        precision[scale] = float((toy_judge(zz) == yy).float().mean())
-    bench_dir = os.path.join(workdir, "guidance-bench")
-    shutil.rmtree(bench_dir, ignore_errors=True)  # a finished earlier run would be skipped, timing nothing
-    cfg = write_toy_inputs(bench_dir, unet=unet, classifier=clf)
-    cfg.synthesis.accepted_per_class = 8
-    cfg.synthesis.max_samples_per_class = 32
-    cfg.synthesis.batch_size = 8
-    cfg.synthesis.num_inference_steps = 20
-    cfg.synthesis.guidance_scale = 3.0
-    synthesize.ensure_selector(cfg)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        result = synthesize.run(cfg)
-    finally:
-        if started:
-            ray.shutdown()
-    accepted = sum(result.accepted.values())
-    entry = lambda value, unit, goal: {"value": value, "unit": unit, "goal": goal, "measured": measured}  # noqa: E731
-    return {
-        "guided_vs_unguided_step_ratio": entry(round(ratio, 3), "x", "<= 1.7 on CPU at the tiny preset "
-                                               f"(guided {guided_s * 1e3:.1f} ms vs unguided {unguided_s * 1e3:.1f} "
-                                               "ms per DDIM step, batch 32, 8x8x3 latents)"),
-        "accepted_tiles_per_s": entry(round(accepted / max(result.seconds, 1e-9), 3), "tiles/s",
-                                      f"higher is better; toy 3-class run, {accepted} accepted of "
-                                      f"{sum(result.generated.values())} generated, 20 DDIM steps, incl. actor start"),
-        # guidance_precision_* (no prefix) come from the validation benchmark's MNIST data.
-        "toy_guidance_precision_guided": entry(precision[3.0], "fraction", "toy latents: guided (s=3) samples judged "
-                                               "as their target class by a rule judge; well above unguided"),
-        "toy_guidance_precision_unguided": entry(precision[0.0], "fraction", "toy latents: unguided rate (about 1/3)"),
-    }

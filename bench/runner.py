@@ -1,4 +1,4 @@
-"""Benchmark runner: every ``histodiff.bench.<area>`` module's ``run(workdir)`` merged into one JSON.
+"""Benchmark runner: every ``bench.areas.<area>`` module's ``run(workdir)`` merged into one JSON.
 
 The results file is read, updated and written back (atomically) after each area, so running
 one area keeps every other area's figures and an interrupted run keeps the areas it finished.
@@ -18,12 +18,12 @@ from histodiff.storage import Store
 
 log = logging.getLogger(__name__)
 
-BENCH_DIR = Path(__file__).resolve().parent / "bench"
+AREAS_DIR = Path(__file__).resolve().parent / "areas"
 
 
 def areas() -> list[str]:
-    """Return the names of the benchmark areas (modules in histodiff/bench/)."""
-    return sorted(m.name for m in pkgutil.iter_modules([str(BENCH_DIR)]) if not m.name.startswith("_"))
+    """Return the names of the benchmark areas (the modules in bench/areas/)."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(AREAS_DIR)]) if not m.name.startswith("_"))
 
 
 def check_entry(key: str, value: object) -> None:
@@ -53,7 +53,7 @@ def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_
         os.makedirs(area_dir, exist_ok=True)
         log.info("benchmark area %s", name)
         try:
-            figures = importlib.import_module(f"histodiff.bench.{name}").run(area_dir)
+            figures = importlib.import_module(f"bench.areas.{name}").run(area_dir)
             for key, value in figures.items():
                 check_entry(key, value)
         except Exception as exc:  # one broken area must not lose the others' figures

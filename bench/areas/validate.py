@@ -1,11 +1,12 @@
-"""Benchmark: method validation on MNIST 5k (``histodiff bench validate``); see histodiff.evaluate.validate."""
+"""Benchmark: method validation on MNIST 5k (``histodiff bench validate``); the protocol is :mod:`bench.validation`."""
 
 from __future__ import annotations
 
 import os
 import platform
 from datetime import datetime, timezone
-from histodiff.evaluate.validate import run_validation
+
+from bench.validation import run_validation
 
 UNITS = {
     "validate_baseline_acc": ("percent", "test accuracy, real labels only (2 per class), mean over seeds"),

@@ -18,94 +18,16 @@ import logging
 import os
 import platform
 import threading
-import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
+from bench.common import MEASURED, WARMUP, matmul_flops, plain_rate, timed
+from bench.toys import write_synthetic_latents
+
 log = logging.getLogger(__name__)
-
-WARMUP, MEASURED = 3, 12
-
-
-def write_synthetic_latents(uri: str, n: int, shape: tuple[int, ...] = (3, 8, 8), scale_factor: float = 0.5,
-                            parts: int = 2, seed: int = 0, storage_cfg: Any = None) -> dict:
-    """Write ``n`` smooth random fp16 latents in the encode stage's format (parts, then _latents.json); return the meta."""
-    import hashlib
-
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from histodiff.storage import Store, join
-
-    rng = np.random.default_rng(seed)
-    c, h, w = shape
-    # Low-frequency structure, as real latents have, so a denoiser has something to learn.
-    base = rng.normal(size=(n, c, 2, 2)).repeat(h // 2, axis=2).repeat(w // 2, axis=3)
-    z = (base / scale_factor + 0.1 * rng.normal(size=(n, c, h, w))).astype(np.float16)
-    names = []
-    for i, idx in enumerate(np.array_split(np.arange(n), parts)):
-        rows = [z[j].tobytes() for j in idx]
-        table = pa.table({"latent": pa.array(rows, pa.binary()), "label": pa.array([None] * len(idx), pa.string()),
-                          "sha1": pa.array([hashlib.sha1(r).hexdigest() for r in rows], pa.string())})
-        names.append(f"part-{i:05d}.parquet")
-        loc = Store(storage_cfg).resolve(join(uri, names[-1]))
-        loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, loc.path, filesystem=loc.fs)
-    meta = {"shape": list(shape), "scale_factor": scale_factor, "autoencoder_sha256": "synthetic", "num_latents": n,
-            "shards": names}
-    Store(storage_cfg).write_json(join(uri, "_latents.json"), meta)
-    return meta
-
-
-def _matmul_flops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _step_flops(state: Any, z: torch.Tensor) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from histodiff.train import denoiser as tr
-
-    with FlopCounterMode(display=False) as counter:
-        tr.train_step(state, [z])
-    return float(counter.get_total_flops())
-
-
-def _plain_rate(cfg: Any, shape: list[int], device: torch.device) -> tuple[float, float]:
-    """Return (samples/s, FLOP/s) of the plain PyTorch loop over in-memory latents."""
-    from histodiff.train import denoiser as tr
-
-    b = cfg.denoiser.batch_size
-    state = tr.make_state(cfg.denoiser, shape, device, cfg.seed)
-    batches = tr.in_memory_batches(torch.randn(b * 4, *shape, device=device), b, cfg.seed)
-    flops = _step_flops(state, next(batches))
-    for _ in range(WARMUP):
-        tr.train_step(state, [next(batches)])
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(MEASURED):
-        tr.train_step(state, [next(batches)])
-    _sync(device)
-    seconds = time.perf_counter() - start
-    return MEASURED * b / seconds, flops * MEASURED / seconds
-
 
 def _bench_loop(config: dict) -> None:
     import ray.train
@@ -120,14 +42,8 @@ def _bench_loop(config: dict) -> None:
     device = device_for(cfg.ray.use_gpu)
     state = tr.make_state(cfg.denoiser, config["shape"], device, cfg.seed, wrap=ray.train.torch.prepare_model)
     batches = tr._shard_batches(ray.train.get_dataset_shard("train"), cfg.denoiser.batch_size, device)
-    for _ in range(WARMUP):
-        tr.train_step(state, [next(batches)])
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(MEASURED):
-        tr.train_step(state, [next(batches)])
-    _sync(device)
-    rate = MEASURED * cfg.denoiser.batch_size * ray.train.get_context().get_world_size() / (time.perf_counter() - start)
+    seconds = timed(lambda: tr.train_step(state, [next(batches)]), device)
+    rate = cfg.denoiser.batch_size * ray.train.get_context().get_world_size() / seconds
     if ray.train.get_context().get_world_rank() == 0:  # Result.metrics is only kept with checkpoints
         with open(config["out"], "w") as f:
             f.write(str(rate))
@@ -214,8 +130,8 @@ def run(workdir: str, preset: str = "tiny") -> dict[str, dict]:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # the same thread count as one Ray worker below
-        plain_rate, plain_flops = _plain_rate(cfg, shape, torch.device("cpu"))
-        matmul = _matmul_flops(torch.device("cpu"))
+        plain_sps, plain_flops = plain_rate(cfg, shape, torch.device("cpu"))
+        matmul = matmul_flops(torch.device("cpu"))
         ray_one = _ray_rate(cfg, shape, 1, 1, "bench-1w")
         ray_two = _ray_rate(cfg, shape, 2, 1, "bench-2w")
         rss = {}
@@ -237,11 +153,11 @@ def run(workdir: str, preset: str = "tiny") -> dict[str, dict]:
         return {"value": value, "unit": unit, "goal": goal, "measured": measured}
 
     out = {
-        "ray_train_overhead_ratio": figure(round(ray_one / plain_rate, 3), "ratio", ">= 0.9"),
+        "ray_train_overhead_ratio": figure(round(ray_one / plain_sps, 3), "ratio", ">= 0.9"),
         "mfu_cpu": figure(round(plain_flops / matmul, 3), "fraction of fp32 matmul FLOP/s", ">= 0.5 (tiny)"),
         "rss_10x_over_1x": figure(round(rss[10] / rss[1], 3), "ratio", "<= 1.2"),
         "two_vs_one_worker_ratio": figure(round(ray_two / ray_one, 3), "ratio", ">= 1.7"),
-        "denoiser_samples_per_s": figure({"plain_1thread": round(plain_rate, 1), "ray_1worker": round(ray_one, 1),
+        "denoiser_samples_per_s": figure({"plain_1thread": round(plain_sps, 1), "ray_1worker": round(ray_one, 1),
                                           "ray_2workers": round(ray_two, 1)}, "samples/s", "informational"),
     }
     return out

@@ -1,56 +1,25 @@
-"""GPU check of histodiff's own steps in plain PyTorch: denoiser MFU, autoencoder, guidance, backbone.
+"""The GPU check's figures (:mod:`bench.areas.gpu` runs them): one function per group, each on a :class:`Setup`.
 
-No Ray, MLflow or S3: each figure runs the stage's own per-worker code (the functions a Ray
-Train worker calls) on one GPU at the ``paper`` preset's shapes, under the stages' bf16
-autocast (:func:`histodiff.runtime.autocast`). Each figure is measured in its own try, and
-``<out>/histodiff_gpu.json`` (figures only, in the benchmark format) is rewritten after each,
-so a run cut short still reports; failures go to ``histodiff_gpu_errors.json`` and the log.
-
-- ``gpu_bf16_matmul_tflops``: an 8192^3 bf16 matmul (``generative._matmul_flops``), the peak
-  the MFU is taken against; ``gpu_anchor.json`` (the baseline script) measures the same product.
-- ``mfu_gpu``, ``gpu_denoiser_samples_per_s``, ``gpu_denoiser_train_flops_per_sample``:
-  ``train.denoiser.train_step`` on 64x64x3 latents at the paper batch (halved on OOM), eager
-  (the preset's ``denoiser.compile=true``: ``mfu_gpu_compiled``), FLOPs counted by
-  ``torch.utils.flop_counter`` (``generative._plain_rate``). Target > 0.23, the H200 eager baseline.
-- ``mfu_gpu_compiled``, ``gpu_denoiser_compiled_samples_per_s``: the same with ``denoiser.compile=true``
-  (last: compilation takes minutes).
-- ``gpu_autoencoder_samples_per_s``: ``train.autoencoder.train_step`` on 256 px tiles at the paper batch.
-- ``gpu_guided_vs_unguided_step_ratio``: a DDIM step of ``diffusion.sampling.ddim_sample`` guided by
-  the paper-size latent classifier vs unguided, as ``SynthesisWorker.generate`` calls it. Target <= 1.7.
-  ``gpu_guided_step_ms`` adds the same guided step with the classifier under bf16 autocast.
-- ``gpu_backbone_samples_per_s``: the downstream backbone's (timm, random init) training step as
-  ``train.backbone.fit_classifier`` takes it: augment on the CPU, copy, resize to 224, bf16.
-
-  python -m histodiff.bench.gpu [--out DIR]    # on a GPU (about a minute on an H100)
-  python -m histodiff.bench.gpu --small        # toy sizes on the CPU: a dry run of every path
-
-As a benchmark area (``histodiff bench gpu``), :func:`run` returns no figures without CUDA.
+Each figure runs a stage's own per-worker step in plain PyTorch, so the check needs no Ray.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import logging
-import math
 import os
 import platform
-import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 import torch
 
-from histodiff.bench.generative import MEASURED, WARMUP, _matmul_flops, _plain_rate, _sync
+from bench.common import matmul_flops, plain_rate, sync, timed
 
 log = logging.getLogger(__name__)
 
-RESULTS = "histodiff_gpu.json"
-ERRORS = "histodiff_gpu_errors.json"
 NUM_CLASSES = 9  # NCT-CRC-HE-100K, the paper's labeled set
 GUIDE_STEPS, GUIDE_REPEATS = 10, 3
 
@@ -101,7 +70,8 @@ def _figure(s: Setup, value: Any, unit: str, goal: str) -> dict[str, Any]:
     return {"value": value, "unit": unit, "goal": goal, "measured": s.measured}
 
 
-def _free(device: torch.device) -> None:
+def free(device: torch.device) -> None:
+    """Release what the last figure left on the device and reset its peak-memory counter; return None."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -109,14 +79,14 @@ def _free(device: torch.device) -> None:
 
 
 def _dtype(s: Setup) -> str:
-    return "bf16" if s.device.type == "cuda" else "fp32"  # _matmul_flops' choice
+    return "bf16" if s.device.type == "cuda" else "fp32"  # matmul_flops' choice
 
 
 def _peak_gib(device: torch.device) -> str:
     return f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
 
 
-def _halving(fn: Callable[[int], Any], batch: int, device: torch.device) -> tuple[Any, int]:
+def halving(fn: Callable[[int], Any], batch: int, device: torch.device) -> tuple[Any, int]:
     """Return (fn(batch), batch), halving the batch after each CUDA out-of-memory error."""
     while True:
         try:
@@ -127,29 +97,14 @@ def _halving(fn: Callable[[int], Any], batch: int, device: torch.device) -> tupl
         # Past the except block, so the failed attempt's tensors (held by the traceback) can be freed.
         log.warning("batch %d ran out of GPU memory; trying %d", batch, batch // 2)
         batch //= 2
-        _free(device)
-
-
-def _timed(step: Callable[[], Any], device: torch.device, warmup: int = WARMUP, measured: int = MEASURED) -> float:
-    """Return seconds per call of ``step`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(measured):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) / measured
-
-
-# ----------------------------------------------------------------------------- figures
+        free(device)
 
 
 def peak(s: Setup) -> dict[str, dict]:
-    """The bf16 (fp32 on the CPU) matmul FLOP/s, best of two runs of ``generative._matmul_flops``."""
-    s.peak_flops = max(_matmul_flops(s.device, s.matmul_n) for _ in range(2))
-    n_small = 128 if s.small else 2048  # the size bench/generative.py takes its peak at
-    at_small = _matmul_flops(s.device, n_small)
+    """The bf16 (fp32 on the CPU) matmul FLOP/s, best of two runs of :func:`bench.common.matmul_flops`."""
+    s.peak_flops = max(matmul_flops(s.device, s.matmul_n) for _ in range(2))
+    n_small = 128 if s.small else 2048  # the size the generative area takes its peak at
+    at_small = matmul_flops(s.device, n_small)
     return {"gpu_bf16_matmul_tflops": _figure(
         s, round(s.peak_flops / 1e12, 3), "TFLOP/s",
         f"informational: {s.matmul_n}^3 {_dtype(s)} matmul, the MFU denominator (H200: 798); "
@@ -159,20 +114,20 @@ def peak(s: Setup) -> dict[str, dict]:
 def denoiser(s: Setup) -> dict[str, dict]:
     """The paper denoiser's train_step: samples/s, FLOPs per sample and MFU against :func:`peak`."""
     if s.peak_flops is None:
-        s.peak_flops = _matmul_flops(s.device, s.matmul_n)
-    _free(s.device)
+        s.peak_flops = matmul_flops(s.device, s.matmul_n)
+    free(s.device)
 
     def attempt(b: int) -> tuple[float, float]:
         cfg = s.cfg.model_copy(deep=True)
         cfg.denoiser.batch_size = b
-        return _plain_rate(cfg, s.latent, s.device)
+        return plain_rate(cfg, s.latent, s.device)
 
-    (rate, flops_per_s), b = _halving(attempt, s.cfg.denoiser.batch_size, s.device)
+    (rate, flops_per_s), b = halving(attempt, s.cfg.denoiser.batch_size, s.device)
     per_sample = flops_per_s / rate
     shape = "x".join(map(str, s.latent))
     how = (f"batch {b}, {shape} latents, eager{_peak_gib(s.device)} "
            f"(the preset sets denoiser.compile=true: see mfu_gpu_compiled)")
-    _free(s.device)
+    free(s.device)
     return {
         "mfu_gpu": _figure(s, round(flops_per_s / s.peak_flops, 3),
                            f"fraction of {s.matmul_n}^3 {_dtype(s)} matmul FLOP/s",
@@ -190,18 +145,18 @@ def autoencoder(s: Setup) -> dict[str, dict]:
     from histodiff.train import autoencoder as tr
 
     ae = s.cfg.autoencoder
-    _free(s.device)
+    free(s.device)
 
     def attempt(b: int) -> float:
         torch.manual_seed(s.cfg.seed)
         parts = tr.make_parts(ae, s.device)
         x = torch.rand(b, 3, s.tile, s.tile, device=s.device) * 2 - 1
         step = iter(range(10**9))
-        return b / _timed(lambda: tr.train_step(parts, x, next(step), ae, s.device), s.device)
+        return b / timed(lambda: tr.train_step(parts, x, next(step), ae, s.device), s.device)
 
-    rate, b = _halving(attempt, ae.batch_size, s.device)
+    rate, b = halving(attempt, ae.batch_size, s.device)
     goal = f"informational; train.autoencoder.train_step, batch {b}, {s.tile} px{_peak_gib(s.device)}"
-    _free(s.device)
+    free(s.device)
     return {"gpu_autoencoder_samples_per_s": _figure(s, round(rate, 1), "samples/s", goal)}
 
 
@@ -229,7 +184,7 @@ def guidance(s: Setup) -> dict[str, dict]:
     from histodiff.train.latent_classifier import build_classifier
 
     cfg, dev = s.cfg, s.device
-    _free(dev)
+    free(dev)
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg.denoiser, s.latent[0], s.latent[1]).to(dev).eval().requires_grad_(False)
     clf = build_classifier(cfg.classifier, s.latent[0], NUM_CLASSES).to(dev).eval().requires_grad_(False)
@@ -241,11 +196,11 @@ def guidance(s: Setup) -> dict[str, dict]:
 
     def per_step(cond_fn: Any, steps: int) -> float:
         gens = [torch.Generator().manual_seed(i) for i in range(b)]
-        _sync(dev)
+        sync(dev)
         start = time.perf_counter()
         ddim_sample(unet, sched, (b, *s.latent), gens, steps, syn.eta, cond_fn=cond_fn, device=dev,
                     autocast=autocast(dev))
-        _sync(dev)
+        sync(dev)
         return (time.perf_counter() - start) / steps
 
     for fn in variants.values():
@@ -259,7 +214,7 @@ def guidance(s: Setup) -> dict[str, dict]:
     shape = "x".join(map(str, s.latent))
     how = (f"batch {b}, {shape} latents, {s.guide_steps}-step DDIM runs, best of {GUIDE_REPEATS}{_peak_gib(dev)}")
     del unet, clf, variants
-    _free(dev)
+    free(dev)
     return {
         "gpu_guided_vs_unguided_step_ratio": _figure(
             s, round(ratio, 3), "x", f"<= 1.7 (H200 baseline: 1.39); guided {ms['guided']} ms vs unguided "
@@ -276,7 +231,7 @@ def backbone(s: Setup) -> dict[str, dict]:
     from histodiff.train.backbone import AUGMENTATIONS, resize, train_step
 
     e, dev = s.cfg.evaluation, s.device
-    _free(dev)
+    free(dev)
 
     def attempt(b: int) -> tuple[float, float]:
         torch.manual_seed(s.cfg.seed)
@@ -296,16 +251,16 @@ def backbone(s: Setup) -> dict[str, dict]:
             return train_step(model, opt, resize(xb.to(dev), e.image_size), pool_y[idx].to(dev),
                               weights[idx].to(dev))
 
-        full = b / _timed(loop_body, dev)
+        full = b / timed(loop_body, dev)
         on_dev = resize(pool_x[:b].to(dev), e.image_size), pool_y[:b].to(dev), weights[:b].to(dev)
-        model_only = b / _timed(lambda: train_step(model, opt, *on_dev), dev)
+        model_only = b / timed(lambda: train_step(model, opt, *on_dev), dev)
         return full, model_only
 
-    (full, model_only), b = _halving(attempt, e.batch_size, dev)
+    (full, model_only), b = halving(attempt, e.batch_size, dev)
     goal = (f"informational; {e.backbone} (random init), batch {b}, {s.tile} px tiles -> {e.image_size} px, "
             f"'{e.augment}' augmentation on the CPU as fit_classifier does; the model alone (batch already on "
             f"the device): {model_only:.1f} samples/s{_peak_gib(dev)}")
-    _free(dev)
+    free(dev)
     return {"gpu_backbone_samples_per_s": _figure(s, round(full, 1), "samples/s", goal)}
 
 
@@ -319,7 +274,7 @@ def denoiser_compiled(s: Setup) -> dict[str, dict]:
     flops = s.figures.get("gpu_denoiser_train_flops_per_sample")
     if flops is None or s.peak_flops is None:
         raise RuntimeError("run the 'peak' and 'denoiser' figures first (the FLOP count is the eager model's)")
-    _free(s.device)
+    free(s.device)
     dcfg = s.cfg.denoiser.model_copy(update={"compile": not s.small})
     b = dcfg.batch_size
     state = tr.make_state(dcfg, s.latent, s.device, s.cfg.seed)
@@ -327,11 +282,11 @@ def denoiser_compiled(s: Setup) -> dict[str, dict]:
     start = time.perf_counter()
     tr.train_step(state, [next(batches)])  # compiles
     first = time.perf_counter() - start
-    rate = b / _timed(lambda: tr.train_step(state, [next(batches)]), s.device)
+    rate = b / timed(lambda: tr.train_step(state, [next(batches)]), s.device)
     how = (f"batch {b}, {'x'.join(map(str, s.latent))} latents, "
            f"{'torch.compile' if dcfg.compile else 'NOT compiled (--small)'}, first step {first:.0f} s"
            f"{_peak_gib(s.device)}")
-    _free(s.device)
+    free(s.device)
     return {
         "mfu_gpu_compiled": _figure(s, round(rate * flops["value"] * 1e9 / s.peak_flops, 3),
                                     f"fraction of {s.matmul_n}^3 {_dtype(s)} matmul FLOP/s",
@@ -345,87 +300,3 @@ FIGURES: dict[str, Callable[[Setup], dict[str, dict]]] = {
     "peak": peak, "denoiser": denoiser, "autoencoder": autoencoder, "guidance": guidance, "backbone": backbone,
     "denoiser_compiled": denoiser_compiled,
 }
-
-
-# ----------------------------------------------------------------------------- driver
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def measure(small: bool = False, out: str | None = None, only: list[str] | None = None) -> Setup:
-    """Measure every figure (or ``only`` those groups), each in its own try; rewrite ``out``'s JSON after each."""
-    s = make_setup(small)
-    log.info("gpu benchmark on %s", s.measured)
-    if out:
-        os.makedirs(out, exist_ok=True)
-        for name in (RESULTS, ERRORS):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-    for name, fn in FIGURES.items():
-        if only and name not in only:
-            continue
-        start = time.perf_counter()
-        try:
-            got = fn(s)
-            s.figures.update(got)
-            for key, value in got.items():
-                print(json.dumps({key: value}), flush=True)
-        except Exception as exc:  # one failure must not lose the other figures
-            s.errors[name] = f"{type(exc).__name__}: {exc}"[:1000]
-            log.error("gpu figure %s failed:\n%s", name, traceback.format_exc())
-            _free(s.device)
-        log.info("gpu figure %s took %.1f s", name, time.perf_counter() - start)
-        if out:
-            _write_json(os.path.join(out, RESULTS), s.figures)
-            if s.errors:
-                _write_json(os.path.join(out, ERRORS), s.errors)
-    return s
-
-
-def run(workdir: str) -> dict[str, dict]:
-    """Return the GPU figures (see the module docstring); none without CUDA, so CPU benchmark runs skip it."""
-    if not torch.cuda.is_available():
-        log.info("no CUDA device: the gpu area measures nothing here (python -m histodiff.bench.gpu on a GPU)")
-        return {}
-    s = measure(out=workdir)
-    if s.errors and not s.figures:
-        raise RuntimeError(f"every gpu figure failed: {s.errors}")
-    for name, err in s.errors.items():
-        log.error("gpu figure %s failed: %s", name, err)
-    return s.figures
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: measure, print each figure as it lands, exit 1 if any figure failed."""
-    parser = argparse.ArgumentParser(prog="python -m histodiff.bench.gpu", description=__doc__.split("\n")[0])
-    parser.add_argument("--small", action="store_true", help="toy sizes on the CPU (a dry run of every path)")
-    parser.add_argument("--out", default=".", help=f"folder for {RESULTS} (and {ERRORS} when a figure fails)")
-    parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(FIGURES)}")
-    args = parser.parse_args(argv)
-    from histodiff.runtime import setup_logging
-
-    setup_logging()
-    only = [n for n in args.only.split(",") if n]
-    unknown = sorted(set(only) - set(FIGURES))
-    if unknown:
-        parser.error(f"unknown figure group(s) {unknown}; choose from {list(FIGURES)}")
-    s = measure(args.small, args.out, only)
-    bad = [k for k, v in s.figures.items() if not _finite_positive(v["value"])]
-    print(json.dumps({"done": sorted(s.figures), "errors": s.errors, "not_finite_positive": bad}), flush=True)
-    return 1 if s.errors or bad else 0
-
-
-def _finite_positive(value: Any) -> bool:
-    if isinstance(value, dict):
-        return bool(value) and all(_finite_positive(v) for v in value.values())
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Measurement helpers the benchmark areas share: step timing, peak matmul FLOP/s, the plain denoiser loop.
+
+Only torch at import time: the ``gpu`` area runs on machines without Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+WARMUP, MEASURED = 3, 12
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device (nothing to wait for on the CPU); return None."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step: Callable[[], Any], device: torch.device, warmup: int = WARMUP, measured: int = MEASURED) -> float:
+    """Return seconds per call of ``step`` over ``measured`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(measured):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / measured
+
+
+def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """Return the FLOP/s of an ``n``^3 matmul, bf16 on CUDA and fp32 on the CPU: the MFU denominator."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, device, warmup=1, measured=repeats)
+
+
+def step_flops(state: Any, z: torch.Tensor) -> float:
+    """Return the FLOPs of one denoiser ``train_step`` on batch ``z`` (forward + backward), as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from histodiff.train import denoiser as tr
+
+    with FlopCounterMode(display=False) as counter:
+        tr.train_step(state, [z])
+    return float(counter.get_total_flops())
+
+
+def plain_rate(cfg: Any, shape: list[int], device: torch.device) -> tuple[float, float]:
+    """Return (samples/s, FLOP/s) of the plain PyTorch denoiser loop over in-memory latents."""
+    from histodiff.train import denoiser as tr
+
+    b = cfg.denoiser.batch_size
+    state = tr.make_state(cfg.denoiser, shape, device, cfg.seed)
+    batches = tr.in_memory_batches(torch.randn(b * 4, *shape, device=device), b, cfg.seed)
+    flops = step_flops(state, next(batches))
+    seconds = timed(lambda: tr.train_step(state, [next(batches)]), device)
+    return b / seconds, flops / seconds
