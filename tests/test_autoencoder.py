@@ -140,16 +140,19 @@ def test_discriminator_starts_at_disc_start_step(adaptive, one_thread):
     assert {"model", "optimizer", "disc", "disc_optimizer"} <= set(tensors)
 
 
-def test_reconstruction_quality_numbers_and_grid():
+def test_reconstruction_quality_numbers_and_labelled_grid():
     x = torch.zeros(4, 3, 16, 16)
     recon = x + 0.2  # in [0, 1] units the error is 0.1: MSE 0.01 -> 20 dB
     q = m.reconstruction_quality(x, recon)
     assert q["psnr"] == pytest.approx(20.0, abs=1e-3)
     assert m.reconstruction_quality(x.uniform_(-1, 1), x)["ssim"] == pytest.approx(1.0, abs=1e-5)
-    grid = m.comparison_grid(torch.full((3, 3, 16, 16), -1.0), torch.ones(3, 3, 16, 16), columns=2)
-    assert grid.shape == (4 * 16, 2 * 16, 3) and grid.dtype == np.uint8
-    assert grid[:16, :16].max() == 0 and grid[16:32, :16].min() == 255  # original row above its reconstruction
-    assert grid[32:48, 16:].max() == 0  # padding beyond the last tile
+    from histodiff.plots import labeled_grid_figure, tile_grid
+
+    grid = tile_grid(np.zeros((3, 16, 16, 3), np.uint8), columns=2, scale=2)
+    assert grid.shape == (2 * 32 + 2, 2 * 32 + 2, 3) and grid[:32, :32].max() == 0 and grid[-32:, -32:].min() == 255
+    fig = labeled_grid_figure([("original", np.zeros((3, 8, 8, 3), np.uint8)),
+                               ("reconstruction", np.full((3, 8, 8, 3), 255, np.uint8))], "title")
+    assert [ax.get_ylabel() for ax in fig.axes] == ["original", "reconstruction"]
 
 
 @pytest.mark.slow

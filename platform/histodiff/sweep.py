@@ -198,21 +198,21 @@ def _tuner(cfg: HistodiffConfig, trainable: Any, name: str, storage_path: str, f
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    s = cfg.sweep
+    sweep_cfg = cfg.sweep
     experiment = f"{storage_path.rstrip('/')}/{name}"
-    if s.resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+    if sweep_cfg.resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         log.info("resuming the sweep at %s", experiment)
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
                                   storage_filesystem=fs)
-    points = search_points(s, cfg.evaluation.synthetic_ratio)
+    points = search_points(sweep_cfg, cfg.evaluation.synthetic_ratio)
     # grid: every point once (x num_samples); random: num_samples draws from the same points.
-    space = {"point": tune.grid_search(points) if s.search == "grid" else tune.choice(points)}
+    space = {"point": tune.grid_search(points) if sweep_cfg.search == "grid" else tune.choice(points)}
     return tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric="val_gain", mode="max", num_samples=s.num_samples, max_concurrent_trials=concurrent,
-            scheduler=ASHAScheduler(max_t=100, grace_period=1) if s.asha else None),
+            metric="val_gain", mode="max", num_samples=sweep_cfg.num_samples, max_concurrent_trials=concurrent,
+            scheduler=ASHAScheduler(max_t=100, grace_period=1) if sweep_cfg.asha else None),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1),
     )

@@ -12,7 +12,7 @@ manifest order), as the paper does, and the labeled latents carry the same facto
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,9 @@ from histodiff.data import shards
 from histodiff.data.readers import ReadSpec, parquet_dataset
 from histodiff.runtime import autocast, device_for
 from histodiff.storage import Store, join
+
+if TYPE_CHECKING:  # torch loads lazily: the streaming path (latent_dataset) does not need it
+    import torch
 
 log = logging.getLogger(__name__)
 

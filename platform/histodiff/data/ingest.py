@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import posixpath
 from typing import Any
 
@@ -28,7 +27,8 @@ from pydantic import BaseModel, ConfigDict
 
 from histodiff.config import HistodiffConfig
 from histodiff.data import shards
-from histodiff.storage import Store, StorageError, is_s3, join
+from histodiff.data.sources import IngestError
+from histodiff.storage import Store, StorageError, join
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ CONVERTED_CSV = "converted.csv"
 BAD_REASONS = ("empty", "not_image", "truncated", "corrupt", "unreadable", "too_small")
 GRAY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "F")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-class IngestError(ValueError):
-    """A bad ingest input, reported with the URI and what to do."""
 
 
 class IngestSettings(BaseModel):
@@ -61,10 +57,10 @@ class IngestSettings(BaseModel):
     @classmethod
     def from_config(cls, cfg: HistodiffConfig) -> "IngestSettings":
         """Return the settings named by ``cfg.data``."""
-        d = cfg.data
-        return cls(tile_size=d.tile_size, extensions=d.extensions, min_source_size=d.min_source_size,
-                   saturation_threshold=d.saturation_threshold, max_bad_fraction=d.max_bad_fraction,
-                   tiles_per_shard=d.tiles_per_shard)
+        data = cfg.data
+        return cls(tile_size=data.tile_size, extensions=data.extensions, min_source_size=data.min_source_size,
+                   saturation_threshold=data.saturation_threshold, max_bad_fraction=data.max_bad_fraction,
+                   tiles_per_shard=data.tiles_per_shard)
 
 
 def prepare_tile(data: bytes, tile_size: int, min_source_size: int,
@@ -162,52 +158,6 @@ def _write_chunk(table: Any, keep: list[bool], shard_uri: str | None, progress_u
     if shard_uri is not None:
         shards.write_table(table.filter(pa.array(keep, type=pa.bool_())), shard_uri, store)
     store.write_json(progress_uri, progress)
-
-
-def _source_name(uri: str) -> str:
-    return posixpath.basename(uri.rstrip("/")) or uri
-
-
-
-
-def _list_images(uri: str, what: str, store: Store, extensions: list[str]) -> list[str]:
-    store.check_readable(uri)
-    files = store.list_files(uri, extensions)
-    if not files:
-        raise IngestError(f"{what} {uri!r} holds no image files ({', '.join(extensions)}); "
-                          "check the path, or set data.extensions")
-    return files
-
-
-def list_unlabeled(sources: list[str], store: Store, extensions: list[str]) -> list[tuple[str, str | None, str]]:
-    """Return the sorted (uri, None, dataset) items of every unlabeled source."""
-    items = []
-    for source in sources:
-        files = _list_images(source, "unlabeled source", store, extensions)
-        items += [(f, None, _source_name(source)) for f in files]
-    return sorted(items)
-
-
-def list_labeled(source: str, store: Store, extensions: list[str]) -> list[tuple[str, str | None, str]]:
-    """Return the sorted (uri, class, dataset) items of a one-folder-per-class source."""
-    files = _list_images(source, "labeled source", store, extensions)
-    # list_files returns "s3://" + path or a local absolute path under the resolved base
-    base = store.resolve(source).path.rstrip("/")
-    by_class: dict[str, list[str]] = {}
-    for f in files:
-        path = f[5:] if is_s3(f) else f
-        rel = path[len(base) + 1 :].replace(os.sep, "/")
-        if "/" not in rel:
-            raise IngestError(f"labeled source {source!r} holds image files directly in it ({rel!r}); it needs "
-                              "one folder per class (the NCT-CRC layout: <source>/<CLASS>/<tile>.tif)")
-        by_class.setdefault(rel.split("/", 1)[0], []).append(f)
-    folders = [d for d in store.list_dirs(source) if not d.startswith((".", "_"))]
-    empty = sorted(set(folders) - set(by_class))
-    if empty:
-        raise IngestError(f"class folder(s) {empty} of labeled source {source!r} hold no image files "
-                          f"({', '.join(extensions)}); add tiles or remove the folder(s)")
-    name = _source_name(source)
-    return sorted((f, label, name) for label, fs in by_class.items() for f in fs)
 
 
 def items_fingerprint(items: list[tuple[str, str | None, str]], settings: IngestSettings) -> str:

@@ -90,17 +90,17 @@ class SplitSpec(BaseModel):
 
 def split_spec(cfg: HistodiffConfig, store: Store) -> SplitSpec:
     """Return the labeled split named by the config, with the fingerprints of its shards (read here)."""
-    d, p = cfg.data, cfg.paths
-    labeled = shards.read_manifest(p.labeled_shards, store)
-    test_uri = p.labeled_test_shards
+    data, paths = cfg.data, cfg.paths
+    labeled = shards.read_manifest(paths.labeled_shards, store)
+    test_uri = paths.labeled_test_shards
     test = shards.read_manifest(test_uri, store) if test_uri and store.exists(join(test_uri, shards.MANIFEST)) \
         else None
-    return SplitSpec(labeled_uri=p.labeled_shards, labeled_fingerprint=labeled.fingerprint or str(labeled.num_tiles),
+    return SplitSpec(labeled_uri=paths.labeled_shards, labeled_fingerprint=labeled.fingerprint or str(labeled.num_tiles),
                      test_uri=test_uri if test else None,
                      test_fingerprint=(test.fingerprint or str(test.num_tiles)) if test else None,
-                     seed=cfg.seed, draw=d.label_draw, val_fraction=d.val_fraction,
-                     test_fraction=d.test_fraction, label_fraction=d.label_fraction,
-                     labels_per_class=d.labels_per_class)
+                     seed=cfg.seed, draw=data.label_draw, val_fraction=data.val_fraction,
+                     test_fraction=data.test_fraction, label_fraction=data.label_fraction,
+                     labels_per_class=data.labels_per_class)
 
 
 def labeled_splits(spec: SplitSpec, store: Store) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:

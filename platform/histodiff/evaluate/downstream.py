@@ -63,10 +63,10 @@ class Recipe(BaseModel):
     @classmethod
     def from_config(cls, cfg: Any) -> "Recipe":
         """Return the recipe named by ``cfg.evaluation`` (and ``cfg.ray.use_gpu``)."""
-        e = cfg.evaluation
-        return cls(backbone=e.backbone, image_size=e.image_size, epochs=e.epochs, lr=e.lr,
-                   weight_decay=e.weight_decay, batch_size=e.batch_size, augment=e.augment,
-                   synthetic_loss_weight=e.synthetic_loss_weight, use_gpu=cfg.ray.use_gpu, steps=e.steps)
+        ev = cfg.evaluation
+        return cls(backbone=ev.backbone, image_size=ev.image_size, epochs=ev.epochs, lr=ev.lr,
+                   weight_decay=ev.weight_decay, batch_size=ev.batch_size, augment=ev.augment,
+                   synthetic_loss_weight=ev.synthetic_loss_weight, use_gpu=cfg.ray.use_gpu, steps=ev.steps)
 
 
 @dataclass

@@ -204,19 +204,3 @@ def reconstruction_quality(x: torch.Tensor, recon: torch.Tensor) -> dict[str, fl
         "psnr": float(peak_signal_noise_ratio(a, b, data_range=1.0)),
         "ssim": float(structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=kernel)),
     }
-
-
-def comparison_grid(x: torch.Tensor, recon: torch.Tensor, columns: int = 8) -> "np.ndarray":
-    """Return an HWC uint8 image: rows of originals, each above its row of reconstructions."""
-    import numpy as np
-
-    n = min(len(x), len(recon))
-    columns = max(1, min(columns, n))
-    rows = []
-    for i in range(0, n, columns):
-        for batch in (x[i : i + columns], recon[i : i + columns]):
-            tiles = ((batch.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-            if len(tiles) < columns:
-                tiles = np.concatenate([tiles, np.zeros((columns - len(tiles),) + tiles.shape[1:], np.uint8)])
-            rows.append(np.concatenate(list(tiles), axis=1))
-    return np.concatenate(rows, axis=0)

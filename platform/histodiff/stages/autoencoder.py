@@ -62,17 +62,17 @@ class Result(StageResult):
 
 def spec(cfg: HistodiffConfig, store: Store) -> Spec:
     """Return the autoencoder spec after checking there is a batch per worker and the perceptual weights."""
-    ae, p = cfg.autoencoder, cfg.paths
-    manifest = shards.read_manifest(p.unlabeled_shards, store)
+    ae, paths = cfg.autoencoder, cfg.paths
+    manifest = shards.read_manifest(paths.unlabeled_shards, store)
     need = ae.batch_size * cfg.ray.num_workers
     if manifest.num_tiles < need:
-        raise ValueError(f"{p.unlabeled_shards!r} holds {manifest.num_tiles} tiles, fewer than one batch per worker "
+        raise ValueError(f"{paths.unlabeled_shards!r} holds {manifest.num_tiles} tiles, fewer than one batch per worker "
                          f"({need}); lower autoencoder.batch_size or ingest more tiles")
     if ae.perceptual_weight > 0:
         store.check_readable(ae.perceptual_weights_uri)
-    heldout = [u for u in (p.labeled_test_shards, p.labeled_shards) if u and store.exists(join(u, shards.MANIFEST))]
-    return Spec(output_uri=p.autoencoder, autoencoder=ae, seed=cfg.seed, num_workers=cfg.ray.num_workers,
-                tile_size=manifest.tile_size, augment=cfg.data.augment, unlabeled_uri=p.unlabeled_shards,
+    heldout = [u for u in (paths.labeled_test_shards, paths.labeled_shards) if u and store.exists(join(u, shards.MANIFEST))]
+    return Spec(output_uri=paths.autoencoder, autoencoder=ae, seed=cfg.seed, num_workers=cfg.ray.num_workers,
+                tile_size=manifest.tile_size, augment=cfg.data.augment, unlabeled_uri=paths.unlabeled_shards,
                 unlabeled_fingerprint=manifest.fingerprint or str(manifest.num_tiles), heldout_uris=heldout,
                 read=read_spec(cfg))
 

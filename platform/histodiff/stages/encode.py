@@ -63,19 +63,19 @@ class Result(StageResult):
 
 def spec(cfg: HistodiffConfig, store: Store) -> Spec:
     """Return the encode spec: the autoencoder's hash and every ingested set's fingerprint."""
-    p = cfg.paths
-    meta = model_meta(p.autoencoder, store, "`histodiff run autoencoder`")
+    paths = cfg.paths
+    meta = model_meta(paths.autoencoder, store, "`histodiff run autoencoder`")
     sets = []
-    for name, src, out in (("unlabeled", p.unlabeled_shards, p.latents),
-                           ("train", p.labeled_shards, join(p.labeled_latents, "train")),
-                           ("test", p.labeled_test_shards, join(p.labeled_latents, "test"))):
+    for name, src, out in (("unlabeled", paths.unlabeled_shards, paths.latents),
+                           ("train", paths.labeled_shards, join(paths.labeled_latents, "train")),
+                           ("test", paths.labeled_test_shards, join(paths.labeled_latents, "test"))):
         if name != "unlabeled" and not (src and store.exists(join(src, shards.MANIFEST))):
             continue
         manifest = shards.read_manifest(src, store)  # the unlabeled set is required: a clear error if missing
         sets.append(EncodeSet(name=name, shards_uri=src, shards_fingerprint=manifest.fingerprint or
                               str(manifest.num_tiles), latents_uri=out))
     ae = cfg.autoencoder
-    return Spec(output_uri=p.latents, autoencoder_uri=p.autoencoder, autoencoder_sha256=meta["sha256"],
+    return Spec(output_uri=paths.latents, autoencoder_uri=paths.autoencoder, autoencoder_sha256=meta["sha256"],
                 downsample_factor=int(meta["downsample_factor"]), sets=sets, encode_batch_size=ae.encode_batch_size,
                 encode_actors=ae.encode_actors, read=read_spec(cfg))
 

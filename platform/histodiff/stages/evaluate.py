@@ -78,10 +78,10 @@ class Result(StageResult):
 
 def spec(cfg: HistodiffConfig, store: Store) -> Spec:
     """Return the evaluation spec; the synthetic set must be complete when ``synthetic_ratio`` > 0."""
-    e = cfg.evaluation
-    check_backbone_name(e.backbone)
+    ev = cfg.evaluation
+    check_backbone_name(ev.backbone)
     synthetic = None
-    if e.synthetic_ratio > 0:
+    if ev.synthetic_ratio > 0:
         uri = join(cfg.paths.synthetic, "accepted")
         if not store.exists(join(uri, shards.MANIFEST)):
             raise FileNotFoundError(f"no accepted synthetic tiles at {uri!r} (no {shards.MANIFEST}); run "
@@ -89,10 +89,10 @@ def spec(cfg: HistodiffConfig, store: Store) -> Spec:
                                     "for a baseline-only evaluation")
         manifest = shards.read_manifest(uri, store)
         synthetic = SyntheticSet(uri=uri, fingerprint=manifest.fingerprint or str(manifest.num_tiles))
-    return Spec(output_uri=cfg.paths.evaluation, recipe=Recipe.from_config(cfg), seeds=list(e.seeds), seed=cfg.seed,
-                split=split_spec(cfg, store), synthetic=synthetic, synthetic_ratio=e.synthetic_ratio,
-                fid_extractor=e.fid_extractor, inception_weights_uri=e.inception_weights_uri,
-                memorisation_pairs=e.memorisation_pairs)
+    return Spec(output_uri=cfg.paths.evaluation, recipe=Recipe.from_config(cfg), seeds=list(ev.seeds), seed=cfg.seed,
+                split=split_spec(cfg, store), synthetic=synthetic, synthetic_ratio=ev.synthetic_ratio,
+                fid_extractor=ev.fid_extractor, inception_weights_uri=ev.inception_weights_uri,
+                memorisation_pairs=ev.memorisation_pairs)
 
 
 def work(spec: Spec, ctx: Context) -> Result:
@@ -119,9 +119,9 @@ def work(spec: Spec, ctx: Context) -> Result:
 
 def _quality(spec: Spec, ctx: Context, real: np.ndarray, fake: np.ndarray, state: dict | None,
              num_classes: int) -> dict[str, Any]:
-    r = spec.recipe
-    extractor, name = quality.make_extractor(spec.fid_extractor, spec.inception_weights_uri, ctx.store, r.backbone,
-                                             r.image_size, state, num_classes)
+    recipe = spec.recipe
+    extractor, name = quality.make_extractor(spec.fid_extractor, spec.inception_weights_uri, ctx.store, recipe.backbone,
+                                             recipe.image_size, state, num_classes)
     summary, memo = quality.quality_report(real, fake, extractor, name)
     out = join(spec.output_uri, "quality")
     hist = figure_png(quality.histogram_figure(memo))

@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 
 from histodiff.config import HistodiffConfig
-from histodiff.data.ingest import (CONVERTED_CSV, SKIPPED_CSV, IngestError, IngestSettings, ingest_set,
-                                   items_fingerprint, list_labeled, list_unlabeled)
+from histodiff.data.ingest import CONVERTED_CSV, SKIPPED_CSV, IngestSettings, ingest_set, items_fingerprint
+from histodiff.data.sources import IngestError, list_labeled, list_unlabeled
 from histodiff.runner import Context, Spec as StageSpec, StageResult
 from histodiff.storage import Store, join
 

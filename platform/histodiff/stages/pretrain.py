@@ -88,14 +88,14 @@ def _arch(spec: Spec) -> str:
 
 def work(spec: Spec, ctx: Context) -> Result:
     """Pretrain (resuming the same run), then export the EMA UNet of the final checkpoint."""
-    d, run = spec.denoiser, run_name(spec, ctx.name)
+    dcfg, run = spec.denoiser, run_name(spec, ctx.name)
     loop_config = {"spec": spec, "store": ctx.store, "latent_shape": spec.latents.shape,
                    "scale_factor": spec.latents.scale_factor, "arch": _arch(spec)}
-    rows = rows_per_pass(spec.read, d.batch_size, spec.num_workers, d.grad_accum)
+    rows = rows_per_pass(spec.read, dcfg.batch_size, spec.num_workers, dcfg.grad_accum)
     data = latent_dataset(spec.latents.uri, ctx.store, spec.read, rows_per_pass=rows)
     fit = common.build_trainer(ctx, train_loop, loop_config, run, datasets={"train": data}).fit()
-    tensors, st = common.final_checkpoint(ctx.checkpoints_uri, run, ctx.store, d.steps, "denoiser")
-    unet = dn.build_unet(d, spec.latents.shape[0], spec.latents.shape[1])
+    tensors, st = common.final_checkpoint(ctx.checkpoints_uri, run, ctx.store, dcfg.steps, "denoiser")
+    unet = dn.build_unet(dcfg, spec.latents.shape[0], spec.latents.shape[1])
     unet.load_state_dict({**tensors["model"], **tensors["ema"]})  # EMA weights are the ones sampled from
     sha = ckpt.export_model(unet, spec.output_uri, {
         "kind": "denoiser", "autoencoder_sha256": spec.autoencoder_sha256, "scale_factor": spec.latents.scale_factor,

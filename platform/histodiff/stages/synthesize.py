@@ -53,8 +53,8 @@ class Result(StageResult):
 
 def spec(cfg: HistodiffConfig, store: Store) -> Spec:
     """Return the synthesis spec after checking the four models exist and belong together."""
-    p, s = cfg.paths, cfg.synthesis
-    uris = {"denoiser": p.denoiser, "autoencoder": p.autoencoder, "classifier": p.classifier, "selector": p.selector}
+    paths, synthesis = cfg.paths, cfg.synthesis
+    uris = {"denoiser": paths.denoiser, "autoencoder": paths.autoencoder, "classifier": paths.classifier, "selector": paths.selector}
     metas = {kind: model_meta(uris[kind], store, _MAKER[kind]) for kind in MODEL_KINDS}
     ae = metas["autoencoder"]["sha256"]
     for kind in ("denoiser", "classifier"):
@@ -62,10 +62,10 @@ def spec(cfg: HistodiffConfig, store: Store) -> Spec:
         if theirs != ae:
             raise ValueError(
                 f"the {kind} at {uris[kind]!r} was trained on latents of autoencoder {str(theirs)[:12]}, but "
-                f"paths.autoencoder={p.autoencoder!r} is {ae[:12]}; retrain the {kind} on the current latents "
+                f"paths.autoencoder={paths.autoencoder!r} is {ae[:12]}; retrain the {kind} on the current latents "
                 "or point paths.autoencoder at the matching export")
     known = metas["classifier"]["classes"]
-    unknown = [c for c in (s.classes or []) if c not in known]
+    unknown = [c for c in (synthesis.classes or []) if c not in known]
     if unknown:
         raise ValueError(f"synthesis.classes {unknown} are not classes of the latent classifier {known}")
     if metas["selector"]["classes"] != known:
@@ -73,13 +73,13 @@ def spec(cfg: HistodiffConfig, store: Store) -> Spec:
                          f"{known}; retrain both on the same labeled shards")
     plan = SynthesisPlan(
         models={k: ModelRef(uri=uris[k], sha256=metas[k]["sha256"]) for k in MODEL_KINDS},
-        classes=s.classes or known, accepted_per_class=s.accepted_per_class,
-        max_samples_per_class=s.max_samples_per_class, batch_size=s.batch_size, seed=cfg.seed,
-        sampling=SamplingSpec(guidance_scale=s.guidance_scale, num_inference_steps=s.num_inference_steps, eta=s.eta,
+        classes=synthesis.classes or known, accepted_per_class=synthesis.accepted_per_class,
+        max_samples_per_class=synthesis.max_samples_per_class, batch_size=synthesis.batch_size, seed=cfg.seed,
+        sampling=SamplingSpec(guidance_scale=synthesis.guidance_scale, num_inference_steps=synthesis.num_inference_steps, eta=synthesis.eta,
                               schedule=cfg.denoiser.schedule),
-        selection=SelectionSpec(mode=s.selector.mode, threshold=s.selector.threshold,
-                                max_per_class=s.selector.max_per_class))
-    return Spec(output_uri=p.synthetic, plan=plan, num_actors=s.num_actors, tiles_per_shard=cfg.data.tiles_per_shard)
+        selection=SelectionSpec(mode=synthesis.selector.mode, threshold=synthesis.selector.threshold,
+                                max_per_class=synthesis.selector.max_per_class))
+    return Spec(output_uri=paths.synthetic, plan=plan, num_actors=synthesis.num_actors, tiles_per_shard=cfg.data.tiles_per_shard)
 
 
 def _write_outputs(spec: Spec, store: Store, lineage: pa.Table, accepted: dict[str, np.ndarray],

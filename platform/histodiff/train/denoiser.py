@@ -264,9 +264,9 @@ def train_loop(config: dict) -> None:
         trainee.restore(*restored)
     if info.rank == 0 and trainee.probe is None:
         trainee.take_probe()
-    d = spec.denoiser
+    dcfg = spec.denoiser
     state.unet.train()
-    loop.train(trainee, loop.Cadence(d.steps, d.report_every, d.checkpoint_every), config, device=device,
+    loop.train(trainee, loop.Cadence(dcfg.steps, dcfg.report_every, dcfg.checkpoint_every), config, device=device,
                callbacks=config.get("callbacks", ()), restore=False)
 
 
