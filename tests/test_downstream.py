@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from histodiff.evaluate import downstream
-from histodiff.evaluate.downstream import Recipe, Splits, check_labels, evaluate_arms, sample_balanced
+from histodiff.evaluate.downstream import Extra, Recipe, Splits, check_labels, evaluate_arms
 from histodiff.runner import run_stage
 from histodiff.stages import evaluate
 from histodiff.storage import Store
@@ -45,7 +45,7 @@ def _is_test(x: torch.Tensor) -> torch.Tensor:
 
 def test_same_seed_gives_identical_metrics():
     splits = make_splits()
-    arms = {"augmented": (splits.train_x[:2].copy(), splits.train_y[:2].copy())}
+    arms = {"augmented": Extra(splits.train_x[:2].copy(), splits.train_y[:2].copy())}
     a, _ = evaluate_arms(splits, arms, RECIPE, seeds=[3])
     b, _ = evaluate_arms(splits, arms, RECIPE, seeds=[3])
     assert [o.test for o in a] == [o.test for o in b]
@@ -107,14 +107,6 @@ def test_bad_input_errors():
         evaluate_arms(splits, {}, RECIPE, seeds=[0])
 
 
-def test_sample_balanced_is_seeded_and_balanced():
-    labels = np.array([0] * 10 + [1] * 3 + [2] * 8)
-    a = sample_balanced(labels, 12, 3, seed=1)
-    assert np.array_equal(a, sample_balanced(labels, 12, 3, seed=1))
-    assert not np.array_equal(a, sample_balanced(labels, 12, 3, seed=2))
-    assert np.bincount(labels[a], minlength=3).tolist() == [4, 3, 4]  # class 1 has only 3
-
-
 def _write_shards(uri, tiles, labels, dataset="synthetic"):
     from histodiff.data import shards
 
@@ -136,16 +128,22 @@ def test_run_on_ray_writes_table_logs_gain_and_skips_rerun(ray_local, tmp_path):
     _write_shards(str(tmp_path / "shards" / "labeled"), real.train_x, names(real.train_y), "labeled")
     _write_shards(str(tmp_path / "shards" / "labeled_test"), real.test_x, names(real.test_y), "test")
     _write_shards(str(tmp_path / "synthetic" / "accepted"), syn.train_x, names(syn.train_y))
+    _write_shards(str(tmp_path / "synthetic" / "generated"), make_splits(seed=6, n=10).train_x,
+                  names(make_splits(seed=6, n=10).train_y))
     db = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config("tiny", [f"paths.root={tmp_path}", f"tracking.tracking_uri={db}", "evaluation.epochs=1",
                                "evaluation.steps=3",
                                "evaluation.image_size=16", "evaluation.backbone=test_resnet", "evaluation.seeds=[0,1]", "evaluation.batch_size=8",
-                               "evaluation.memorisation_pairs=2",
+                               "evaluation.memorisation_pairs=2", "evaluation.synthetic_fraction=0.25",
+                               "evaluation.controls=[unfiltered,duplicated_real,classical_aug]",
                                "data.labels_per_class=4", "data.val_fraction=0.34"])
     result = run_stage(evaluate, cfg)
-    assert len(result.outcomes) == 4 and not result.skipped
-    # labels_per_class=4 of 6 per class after validation -> 8 real tiles, ratio 1 -> 8 synthetic (4 per class)
-    assert [(o.num_real, o.num_synthetic) for o in result.outcomes if o.arm == "augmented"] == [(8, 8), (8, 8)]
+    assert len(result.outcomes) == 2 * 5 and not result.skipped
+    # labels_per_class=4 of 6 per class after validation -> 8 real tiles; every accepted synthetic tile (8,
+    # 4 per class) is used, and each control gets the same volume per class
+    volumes = {(o.arm, o.num_real, o.num_synthetic) for o in result.outcomes}
+    assert volumes == {("baseline", 8, 0), ("augmented", 8, 8), ("unfiltered", 8, 8), ("duplicated_real", 8, 8),
+                       ("classical_aug", 8, 8)}
     assert all(o.test["num_test"] == 12 for o in result.outcomes)
     g = result.gains["augmented"]["accuracy"]
     per_seed = {o.seed: o.test["accuracy"] for o in result.outcomes if o.arm == "augmented"}

@@ -50,3 +50,29 @@ def test_summarise_pairs_by_seed():
     summary, gains = summarise(outs)
     assert summary["baseline"]["accuracy"][0] == pytest.approx(0.55)
     assert gains["augmented"]["accuracy"]["per_seed"] == pytest.approx([0.2, 0.1])
+
+
+def test_the_interval_is_over_draws_of_seed_averaged_gains():
+    from histodiff.evaluate.metrics import draw_gain
+
+    # three draws, three seeds each: the seed-averaged gains are 0.02, 0.08 and 0.05
+    per_draw = [[0.01, 0.02, 0.03], [0.07, 0.08, 0.09], [0.05, 0.05, 0.05]]
+    g = draw_gain(per_draw)
+    # mean .05, sd over draws .03, t(0.975, 2) = 4.302653: half width 4.302653 * .03 / sqrt(3)
+    half = 4.302653 * 0.03 / math.sqrt(3)
+    assert g.n == 3 and g.mean == pytest.approx(0.05) and g.std == pytest.approx(0.03)
+    assert (g.ci_low, g.ci_high) == (pytest.approx(0.05 - half, abs=1e-6), pytest.approx(0.05 + half, abs=1e-6))
+    # the 9 seeds are not 9 samples: pooling them would claim a much narrower interval
+    pooled = paired_gain([0.0] * 9, [v for d in per_draw for v in d])
+    assert pooled.ci_high - pooled.ci_low < (g.ci_high - g.ci_low) / 2
+    with pytest.raises(ValueError, match="every draw"):
+        draw_gain([[0.1], []])
+
+
+def test_holm_adjusts_in_order_and_keeps_nan():
+    from histodiff.evaluate.metrics import holm, t_test_p
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adjusted = holm([0.2, float("nan"), 0.01])
+    assert adjusted[0] == pytest.approx(0.2) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.02)
+    assert t_test_p([0.05, 0.06, 0.04]) < 0.05 and math.isnan(t_test_p([0.1]))

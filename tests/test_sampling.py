@@ -106,3 +106,22 @@ def test_guided_sampling_on_gpu_bf16(unet, classifier):
     cpu = _sample(unet.cpu(), steps=10, cond_fn=classifier_grad_fn(classifier.cpu(), torch.tensor([0, 1, 2, 0]), 3.0))
     assert torch.isfinite(z).all()
     assert (z.cpu() - cpu).abs().mean() < 0.2  # same seed, same draws on CPU: close up to bf16 error
+
+
+def test_anchored_sampling_spans_anchor_to_fresh_sample(unet):
+    """Strength 1 is the pure-noise sampler bitwise; strength near 0 returns the anchor; between: a variant."""
+    sched = ddim_scheduler(ScheduleConfig())
+    anchors = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+
+    def sample(**kw):
+        return ddim_sample(unet, sched, SHAPE, [torch.Generator().manual_seed(i) for i in range(SHAPE[0])], 10, 1.0,
+                           **kw)
+
+    fresh = sample()
+    assert torch.equal(sample(anchors=anchors, strength=1.0), fresh)
+    assert torch.equal(sample(anchors=anchors, strength=0.01), anchors)  # no step left: the anchor itself
+    half = sample(anchors=anchors, strength=0.5)
+    assert (half - anchors).pow(2).mean() < (fresh - anchors).pow(2).mean()  # closer to its anchor than a fresh one
+    assert not torch.equal(half, anchors)
+    with pytest.raises(ValueError, match="strength"):
+        sample(anchors=anchors, strength=0.0)

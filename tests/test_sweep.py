@@ -15,7 +15,7 @@ from histodiff.sweep_report import error_kinds, heatmap_figure, recommend, summa
 
 
 def _trial(**kw):
-    base = {"guidance_scale": 1.0, "threshold": 0.5, "synthetic_ratio": 1.0, "status": "OK"}
+    base = {"guidance_scale": 1.0, "threshold": 0.5, "synthetic_fraction": 0.5, "status": "OK"}
     base.update(kw)
     base["key"] = sweep.point_key(base)
     return base
@@ -23,16 +23,16 @@ def _trial(**kw):
 
 def test_grid_always_holds_no_synthetic_and_trial_paths_are_separate(tmp_path):
     cfg = load_config("tiny", [f"paths.root={tmp_path}", "sweep.guidance_scales=[1,3]", "sweep.thresholds=[0.5,0.9]",
-                               "sweep.synthetic_ratios=[0.5,0,1]"])
-    points = sweep.search_points(cfg.sweep, cfg.evaluation.synthetic_ratio)
+                               "sweep.synthetic_fractions=[0.5,0,0.25]"])
+    points = sweep.search_points(cfg.sweep, cfg.evaluation.synthetic_fraction)
     assert len(points) == 2 * 2 * 2 + 1 and points[-1] == sweep.NO_SYNTHETIC
     keys = {sweep.point_key(p) for p in points}
     assert len(keys) == len(points) and "no-synthetic" in keys
-    trial = sweep.trial_config(cfg, {"guidance_scale": 3.0, "threshold": 0.9, "synthetic_ratio": 0.5})
+    trial = sweep.trial_config(cfg, {"guidance_scale": 3.0, "threshold": 0.9, "synthetic_fraction": 0.5})
     assert trial.synthesis.guidance_scale == 3.0 and trial.synthesis.selector.threshold == 0.9
-    assert trial.evaluation.synthetic_ratio == 0.5
-    assert trial.paths.synthetic == f"{tmp_path}/sweep/trials/s3_t0.9_r0.5/synthetic"
-    assert trial.paths.checkpoints.startswith(f"{tmp_path}/sweep/trials/s3_t0.9_r0.5/")
+    assert trial.evaluation.synthetic_fraction == 0.5
+    assert trial.paths.synthetic == f"{tmp_path}/sweep/trials/s3_t0.9_f0.5/synthetic"
+    assert trial.paths.checkpoints.startswith(f"{tmp_path}/sweep/trials/s3_t0.9_f0.5/")
     assert trial.paths.denoiser == cfg.paths.denoiser  # trials share the pretrained models
 
 
@@ -54,7 +54,7 @@ def test_table_and_heatmap_show_failed_cells():
               _trial(guidance_scale=3.0, threshold=0.5, val_gain=None, test_gain=None, status="ERROR", error="boom"),
               {**sweep.NO_SYNTHETIC, "key": "no-synthetic", "val_gain": 0.0, "test_gain": 0.0, "status": "OK"}]
     csv = table_csv(trials).splitlines()
-    assert csv[0].startswith("key,guidance_scale") and csv[1].startswith("s1_t0.5_r1,") and csv[-1].endswith("boom")
+    assert csv[0].startswith("key,guidance_scale") and csv[1].startswith("s1_t0.5_f0.5,") and csv[-1].endswith("boom")
     fig = heatmap_figure(trials)
     values = fig.axes[0].images[0].get_array()
     assert values.shape == (1, 2) and math.isclose(float(values[0, 0]), 1.0) and bool(values.mask[0, 1])
@@ -106,7 +106,7 @@ def test_sweep_survives_a_failing_trial_nests_runs_and_resumes(ray_local, mlflow
                                f"tracking.experiment=sweep-{uuid.uuid4().hex[:8]}", "sweep.guidance_scales=[2.0]",
                                "sweep.thresholds=[0.5,0.8,0.9]", "sweep.max_concurrent_trials=2"])
     space = tmp_path / "space.yaml"
-    space.write_text("sweep:\n  synthetic_ratios: [1.0]\n")
+    space.write_text("sweep:\n  synthetic_fractions: [0.5]\n")
     cfg = sweep.load_space(cfg, str(space))
 
     def cheap_trial(trial_cfg, parent_run_id):  # a closure, so Ray ships it by value to the trial workers
@@ -124,7 +124,7 @@ def test_sweep_survives_a_failing_trial_nests_runs_and_resumes(ray_local, mlflow
     failed = [t for t in result.trials if t["status"] == "ERROR"]
     assert failed[0]["threshold"] == 0.8 and "on purpose" in failed[0]["error"]
     assert {t["key"]: t["val_gain"] for t in result.trials if t["status"] == "OK"} == {
-        "s2_t0.5_r1": -0.01, "s2_t0.9_r1": 0.02, "no-synthetic": 0.0}
+        "s2_t0.5_f0.5": -0.01, "s2_t0.9_f0.5": 0.02, "no-synthetic": 0.0}
 
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -158,7 +158,7 @@ def _toy_sweep_config(root, mlflow_server, *overrides):
         f"tracking.experiment=sweep-real-{uuid.uuid4().hex[:8]}", "data.test_fraction=0.25",
         "evaluation.backbone=test_resnet", "evaluation.image_size=8", "evaluation.steps=6", "evaluation.epochs=2",
         "evaluation.batch_size=4", "evaluation.seeds=[0,1]", "sweep.guidance_scales=[0.0,1.0]",
-        "sweep.thresholds=[0.0,0.2]", "sweep.synthetic_ratios=[1.0]", *overrides])))
+        "sweep.thresholds=[0.0,0.2]", "sweep.synthetic_fractions=[0.5]", *overrides])))
 
 
 @pytest.mark.slow
@@ -169,7 +169,7 @@ def test_sweep_runs_the_real_synthesis_and_evaluation_in_every_trial(ray_local, 
     result = sweep.run(cfg)  # the real trial function: synthesis actors and evaluation tasks inside each trial
     assert [t["status"] for t in result.trials] == ["OK"] * 5, [t["error"] for t in result.trials]
     assert result.num_failed == 0 and result.recommended is not None
-    grid = [t for t in result.trials if t["synthetic_ratio"]]
+    grid = [t for t in result.trials if t["synthetic_fraction"]]
     assert len(grid) == 4 and all(math.isfinite(t["val_gain"]) and math.isfinite(t["test_gain"]) for t in grid)
     # Each trial wrote its own synthetic tiles and evaluation.
     from histodiff import storage

@@ -19,7 +19,7 @@ from histodiff.storage import Store
 
 
 @pytest.fixture(scope="module")
-def toy_cfg(tmp_path_factory):
+def toy_cfg(tmp_path_factory, ray_local):
     cfg = toy.write_toy_inputs(str(tmp_path_factory.mktemp("synth")))
     run_stage(selector, cfg)
     return cfg
@@ -69,6 +69,15 @@ def test_work_items_are_deterministic_and_batch_independent(toy_cfg):
     assert synthesize.tile_seed(0, "B", 6) == item["seeds"][2] != synthesize.tile_seed(1, "B", 6)
 
 
+def test_mode_none_keeps_tiles_whatever_their_score():
+    passed = np.array([True, False, True, True, False, True])
+    score = np.array([0.1, 0.9, 0.3, 0.99, 0.2, 0.5])
+    # the unfiltered control: the first `cap` tiles in generation order, never the best-scoring ones
+    assert synthesize.keep_mask(np.ones(6, bool), score, "none", 3).tolist() == [True, True, True, False, False, False]
+    # a selection rule: the best-scoring tiles among those that passed it
+    assert synthesize.keep_mask(passed, score, "confidence", 2).tolist() == [False, False, False, True, False, True]
+
+
 @pytest.mark.slow
 def test_synthesis_writes_shards_lineage_report_and_skips(ray_local, toy_cfg):
     cfg = toy_cfg.model_copy(deep=True)
@@ -99,6 +108,13 @@ def test_synthesis_writes_shards_lineage_report_and_skips(ray_local, toy_cfg):
     assert all(by_id[r["source"]]["class"] == r["label"] for r in table)
     report = Store().read_json(storage.join(cfg.paths.synthetic, stage.REPORT))
     assert {c: r["generated"] for c, r in report.items()} == result.generated
+    for c, r in report.items():  # selectivity (the rule) and quota fill (the stop) are reported apart
+        assert r["selectivity"] == pytest.approx(r["passed_rule"] / r["generated"])
+        assert r["quota_fill"] == pytest.approx(r["accepted"] / cfg.synthesis.accepted_per_class)
+    # every generated tile, accepted or not, is kept for the unfiltered control and for audits
+    generated = shards.read_table(result.generated_uri, Store()).to_pylist()
+    assert sorted(r["source"] for r in generated) == sorted(r["tile_id"] for r in lineage)
+    assert {r["source"] for r in table} <= {r["source"] for r in generated}
     assert all(sum(r["score_histogram"]) == r["generated"] for r in report.values())
     # Same seed, same tiles: the Ray actors' tiles match a local worker's for the same work item.
     worker = synthesize.SynthesisWorker(_plan(cfg), Store(), use_gpu=False)
@@ -112,3 +128,33 @@ def test_synthesis_writes_shards_lineage_report_and_skips(ray_local, toy_cfg):
         assert np.abs(local["tiles"][index].astype(int) - ray_tile).max() <= 1
     again = run_stage(stage, cfg)
     assert again.skipped and again.accepted == result.accepted
+
+
+def test_anchored_synthesis_varies_its_anchors(toy_cfg):
+    """Strength near 0 gives back each anchor's decoding; strength 1 ignores the anchors (generation from noise)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from histodiff.checkpoint import load_exported
+    from histodiff.data.encode import load_latents
+
+    near = toy_cfg.model_copy(deep=True)
+    near.synthesis.strength = 0.01
+    plan = _plan(near)
+    assert plan.anchors is not None and sorted(plan.anchors.sha1s) == toy.TOY_CLASS_NAMES
+    item = synthesize.work_item(plan, "B", 0)
+    assert item["anchors"][0] == plan.anchors.sha1s["B"][0] and len(set(item["anchors"])) > 1
+    out = synthesize.SynthesisWorker(plan, Store(), use_gpu=False).generate(item)
+    z, _, sha1s, meta = load_latents(plan.anchors.latents_uri, Store())
+    vae, _ = load_exported(AutoencoderKL, near.paths.autoencoder, Store())
+    anchor_z = torch.stack([z[sha1s.index(a)] for a in item["anchors"]])
+    with torch.no_grad():
+        decoded = shards.to_uint8(vae.decode(anchor_z).sample.float())
+    assert np.abs(out["tiles"].astype(int) - decoded.astype(int)).max() <= 1
+    full = toy_cfg.model_copy(deep=True)
+    full.synthesis.strength = 1.0
+    assert _plan(full).anchors is None
+    plain = synthesize.SynthesisWorker(_plan(toy_cfg), Store(), use_gpu=False).generate(
+        synthesize.work_item(_plan(toy_cfg), "B", 0))
+    assert np.array_equal(plain["tiles"], synthesize.SynthesisWorker(_plan(full), Store(), use_gpu=False).generate(
+        synthesize.work_item(_plan(full), "B", 0))["tiles"])

@@ -136,7 +136,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("histodiff: run `histodiff bench` from a histodiff checkout; benchmarks are not part of the installed "
               "package", file=sys.stderr)
         return 2
-    merged = runner.run_benchmarks(args.output, only=args.area, workdir=args.workdir)
+    merged = runner.run_benchmarks(args.output, only=args.area, workdir=args.workdir, quick=args.quick)
     for key, value in merged.items():
         print(f"{key}: {value.get('value')} {value.get('unit', '')}")
     return 0
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("area", nargs="?", default=None, help="one area (a module in bench/areas/); default all")
     p.add_argument("--output", default="bench/results.json")
     p.add_argument("--workdir", default="bench/_work")
+    p.add_argument("--quick", action="store_true", help="development mode where an area has one (validate: one "
+                   "budget, 2 draws, ~12 min); figures go to <workdir>/<area>-quick.json, never to --output")
     p.set_defaults(fn=cmd_bench)
     return parser
 

@@ -285,7 +285,12 @@ class SynthesisConfig(_Strict):
     num_inference_steps: int = Field(50, ge=1)
     eta: float = Field(1.0, ge=0)
     guidance_scale: float = Field(10.0, ge=0)
+    strength: float = Field(1.0, gt=0, le=1, description=(
+        "1: generate from pure noise (the paper). Below 1: anchored synthesis (SDEdit): each tile starts from a "
+        "labeled tile of its class noised this far up the schedule, several variants per anchor"))
     num_actors: int = Field(1, ge=1)
+    keep_rejected: bool = Field(True, description="also write every generated tile (generated/): the unfiltered "
+                                                  "control draws from it, and a user can audit the selector")
     selector: SelectorConfig = Field(default_factory=SelectorConfig)
 
 
@@ -302,13 +307,20 @@ class EvaluationConfig(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     batch_size: int = Field(32, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    synthetic_ratio: float = Field(1.0, ge=0, description="synthetic tiles per real tile (0.5, 1, 3)")
+    synthetic_fraction: float = Field(
+        0.5, ge=0, lt=1, description="share of every training batch drawn from the synthetic tiles (0: baseline "
+                                     "only), so real tiles keep their share of the gradient however many synthetic "
+                                     "tiles there are; the synthetic volume is synthesis.accepted_per_class")
     synthetic_loss_weight: float = Field(1.0, ge=0)
+    synthetic_label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="soft labels for every extra tile: (1 - e) on its class, e spread over all")
+    synthetic_weighting: Literal["none", "confidence"] = Field(
+        "none", description="confidence: each accepted synthetic tile's loss is weighted by the selector's score")
     augment: Literal["dihedral", "shift", "none"] = Field(
         "dihedral", description="label-safe augmentation: flips/rot90 for tissue, small shifts for digits")
-    pseudo_label_threshold: float = Field(
-        0.0, ge=0, le=1, description="cheap baseline: confidence floor for pseudo-labeled pool tiles; the most "
-                                     "confident are kept per predicted class, the same number for every class")
+    controls: list[Literal["unfiltered", "duplicated_real", "classical_aug", "pseudo_label"]] = Field(
+        default_factory=lambda: ["unfiltered", "duplicated_real", "classical_aug"],
+        description="control arms trained beside the augmented arm, at its volume, mixing and steps")
     knn_k: int = Field(5, ge=1, description="cheap baseline: neighbours of the latent kNN probe")
     memorisation_pairs: int = Field(16, ge=1, description="closest synthetic/real pairs shown in the grid")
     fid_extractor: Literal["baseline", "inception"] = "baseline"
@@ -322,11 +334,11 @@ class EvaluationConfig(_Strict):
 
 
 class SweepConfig(_Strict):
-    """Ray Tune sweep over guidance scale x selection threshold (x synthetic ratio)."""
+    """Ray Tune sweep over guidance scale x selection threshold (x synthetic fraction)."""
 
     guidance_scales: list[float] = Field(default_factory=lambda: [1.0, 10.0])
     thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.9])
-    synthetic_ratios: list[float] | None = None
+    synthetic_fractions: list[float] | None = None
     search: Literal["grid", "random"] = "grid"
     num_samples: int = Field(1, ge=1)
     asha: bool = False

@@ -26,7 +26,7 @@ from histodiff.sweep_report import recommend, write_report
 log = logging.getLogger(__name__)
 
 TrialFn = Callable[[HistodiffConfig, "str | None"], dict[str, float]]
-NO_SYNTHETIC = {"guidance_scale": None, "threshold": None, "synthetic_ratio": 0.0}
+NO_SYNTHETIC = {"guidance_scale": None, "threshold": None, "synthetic_fraction": 0.0}
 # The trial's own process mostly waits on the Ray actors and tasks it starts.
 TRIAL_DRIVER_CPU = 0.5
 
@@ -50,7 +50,7 @@ class SweepResult:
     @property
     def all_synthetic_failed(self) -> bool:
         """Return True when no trial with synthetic tiles finished (the sweep measured nothing)."""
-        synthetic = [t for t in self.trials if t.get("synthetic_ratio")]
+        synthetic = [t for t in self.trials if t.get("synthetic_fraction")]
         return bool(synthetic) and all(t["status"] != "OK" for t in synthetic)
 
 
@@ -70,19 +70,19 @@ def load_space(cfg: HistodiffConfig, path: str) -> HistodiffConfig:
     return cfg.model_copy(update={"sweep": sweep})
 
 
-def search_points(sweep: SweepConfig, default_ratio: float) -> list[dict[str, Any]]:
+def search_points(sweep: SweepConfig, default_fraction: float) -> list[dict[str, Any]]:
     """Return the grid: every scale x threshold (x ratio) point, then "no synthetic tiles"."""
-    ratios = [r for r in (sweep.synthetic_ratios or [default_ratio]) if r > 0]
-    points = [{"guidance_scale": s, "threshold": t, "synthetic_ratio": r}
-              for s, t, r in itertools.product(sweep.guidance_scales, sweep.thresholds, ratios)]
+    fractions = [f for f in (sweep.synthetic_fractions or [default_fraction]) if f > 0]
+    points = [{"guidance_scale": s, "threshold": t, "synthetic_fraction": f}
+              for s, t, f in itertools.product(sweep.guidance_scales, sweep.thresholds, fractions)]
     return points + [dict(NO_SYNTHETIC)]
 
 
 def point_key(point: dict[str, Any]) -> str:
     """Return a short, path-safe name for a search point."""
-    if not point.get("synthetic_ratio"):
+    if not point.get("synthetic_fraction"):
         return "no-synthetic"
-    return f"s{point['guidance_scale']:g}_t{point['threshold']:g}_r{point['synthetic_ratio']:g}"
+    return f"s{point['guidance_scale']:g}_t{point['threshold']:g}_f{point['synthetic_fraction']:g}"
 
 
 def trial_config(cfg: HistodiffConfig, point: dict[str, Any]) -> HistodiffConfig:
@@ -91,7 +91,8 @@ def trial_config(cfg: HistodiffConfig, point: dict[str, Any]) -> HistodiffConfig
     root = join(cfg.paths.sweep, "trials", point_key(point))
     data["paths"].update(synthetic=join(root, "synthetic"), evaluation=join(root, "evaluation"),
                          checkpoints=join(root, "checkpoints"))
-    data["evaluation"]["synthetic_ratio"] = float(point["synthetic_ratio"] or 0.0)
+    data["evaluation"]["synthetic_fraction"] = float(point["synthetic_fraction"] or 0.0)
+    data["evaluation"]["controls"] = []  # a trial measures the augmented arm's gain; controls are the protocol's
     if point.get("guidance_scale") is not None:
         data["synthesis"]["guidance_scale"] = float(point["guidance_scale"])
     if point.get("threshold") is not None:
@@ -133,7 +134,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], parent_run_id: str | No
     params = {f"sweep.{k}": v for k, v in point.items()}
     with tracking.stage_run(cfg, "trial", params=params, parent_run_id=parent_run_id,
                             run_name=f"{cfg.name}/trial {point_key(point)}") as tracker:
-        if not point.get("synthetic_ratio"):
+        if not point.get("synthetic_fraction"):
             gains = {"val_gain": 0.0, "test_gain": 0.0}  # real-only against itself: no training needed
         else:
             gains = trial_fn(cfg, tracker.run_id)
@@ -204,7 +205,7 @@ def _tuner(cfg: HistodiffConfig, trainable: Any, name: str, storage_path: str, f
         log.info("resuming the sweep at %s", experiment)
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
                                   storage_filesystem=fs)
-    points = search_points(sweep_cfg, cfg.evaluation.synthetic_ratio)
+    points = search_points(sweep_cfg, cfg.evaluation.synthetic_fraction)
     # grid: every point once (x num_samples); random: num_samples draws from the same points.
     space = {"point": tune.grid_search(points) if sweep_cfg.search == "grid" else tune.choice(points)}
     return tune.Tuner(

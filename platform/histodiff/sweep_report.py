@@ -10,7 +10,7 @@ from histodiff.plots import figure_png
 from histodiff.storage import Store, join
 
 NO_SYNTHETIC_KEY = "no-synthetic"
-COLUMNS = ("key", "guidance_scale", "threshold", "synthetic_ratio", "val_gain", "test_gain", "status", "error")
+COLUMNS = ("key", "guidance_scale", "threshold", "synthetic_fraction", "val_gain", "test_gain", "status", "error")
 
 
 def _finite(value: Any) -> bool:
@@ -23,12 +23,12 @@ def recommend(trials: list[dict[str, Any]]) -> tuple[dict[str, Any], float, floa
     "No synthetic tiles" has gain 0 by definition and is always a candidate, and it wins
     ties: augmenting has to *help* on validation to be recommended.
     """
-    best = {"key": NO_SYNTHETIC_KEY, "guidance_scale": None, "threshold": None, "synthetic_ratio": 0.0}
+    best = {"key": NO_SYNTHETIC_KEY, "guidance_scale": None, "threshold": None, "synthetic_fraction": 0.0}
     best_val, best_test = 0.0, 0.0
     for t in trials:
-        if t.get("status") == "OK" and t.get("synthetic_ratio") and _finite(t.get("val_gain")) \
+        if t.get("status") == "OK" and t.get("synthetic_fraction") and _finite(t.get("val_gain")) \
                 and t["val_gain"] > best_val:
-            best = {k: t.get(k) for k in ("key", "guidance_scale", "threshold", "synthetic_ratio")}
+            best = {k: t.get(k) for k in ("key", "guidance_scale", "threshold", "synthetic_fraction")}
             best_val, best_test = float(t["val_gain"]), t.get("test_gain")
     return best, best_val, best_test if _finite(best_test) else None
 
@@ -60,7 +60,7 @@ def heatmap_figure(trials: list[dict[str, Any]]) -> Any:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    grid = [t for t in trials if t.get("synthetic_ratio")]
+    grid = [t for t in trials if t.get("synthetic_fraction")]
     scales = sorted({t["guidance_scale"] for t in grid})
     thresholds = sorted({t["threshold"] for t in grid})
     values = np.full((len(thresholds), len(scales)), np.nan)
@@ -115,7 +115,7 @@ def summary_text(result: Any) -> str:
     rec = result.recommended
     setting = ("don't augment (no synthetic tiles)" if rec["key"] == NO_SYNTHETIC_KEY else
                f"guidance_scale={rec['guidance_scale']:g} threshold={rec['threshold']:g} "
-               f"synthetic_ratio={rec['synthetic_ratio']:g}")
+               f"synthetic_fraction={rec['synthetic_fraction']:g}")
     test = "n/a" if result.recommended_test_gain is None else f"{100 * result.recommended_test_gain:+.2f}"
     return (f"{head}\n"
             f"recommended (best validation gain): {setting}\n"

@@ -30,7 +30,7 @@ LINEAGE_SCHEMA = pa.schema([
     ("guidance_scale", pa.float64()), ("steps", pa.int32()), ("eta", pa.float64()),
     ("denoiser_sha256", pa.string()), ("autoencoder_sha256", pa.string()), ("classifier_sha256", pa.string()),
     ("selector_sha256", pa.string()), ("selection_mode", pa.string()), ("selector_score", pa.float64()),
-    ("passed_rule", pa.bool_()), ("accepted", pa.bool_()),
+    ("passed_rule", pa.bool_()), ("accepted", pa.bool_()), ("strength", pa.float64()), ("anchor", pa.string()),
 ])
 MODEL_KINDS = ("denoiser", "autoencoder", "classifier", "selector")
 
@@ -53,6 +53,7 @@ class SamplingSpec(BaseModel):
     num_inference_steps: int
     eta: float
     schedule: ScheduleConfig
+    strength: float = 1.0
 
 
 class SelectionSpec(BaseModel):
@@ -63,6 +64,16 @@ class SelectionSpec(BaseModel):
     mode: Literal["confidence", "centroid", "none"]
     threshold: float
     max_per_class: int | None
+
+
+class AnchorSpec(BaseModel):
+    """Where anchored synthesis takes its anchors: a latents directory and, per class, the tiles (by sha1)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    latents_uri: str
+    scale_factor: float
+    sha1s: dict[str, list[str]]
 
 
 class SynthesisPlan(BaseModel):
@@ -78,6 +89,7 @@ class SynthesisPlan(BaseModel):
     seed: int
     sampling: SamplingSpec
     selection: SelectionSpec
+    anchors: AnchorSpec | None = None
 
 
 def tile_seed(seed: int, cls: str, index: int) -> int:
@@ -86,11 +98,18 @@ def tile_seed(seed: int, cls: str, index: int) -> int:
 
 
 def work_item(plan: SynthesisPlan, cls: str, batch: int) -> dict:
-    """Return the work item of one batch of one class: its tile indices and their seeds."""
+    """Return the work item of one batch of one class: its tile indices, their seeds (and anchors)."""
     start = batch * plan.batch_size
     n = min(plan.batch_size, plan.max_samples_per_class - start)
     indices = list(range(start, start + n))
-    return {"class": cls, "batch": batch, "indices": indices, "seeds": [tile_seed(plan.seed, cls, i) for i in indices]}
+    item = {"class": cls, "batch": batch, "indices": indices, "seeds": [tile_seed(plan.seed, cls, i) for i in indices],
+            "anchors": [""] * n}
+    if plan.anchors is not None and plan.sampling.strength < 1.0:
+        pool = plan.anchors.sha1s.get(cls) or []
+        if not pool:
+            raise ValueError(f"anchored synthesis has no anchor tile of class {cls!r}")
+        item["anchors"] = [pool[i % len(pool)] for i in indices]  # the anchors in turn, each with several variants
+    return item
 
 
 class SynthesisWorker:
@@ -114,6 +133,18 @@ class SynthesisWorker:
         self.selector, _ = load_selector(m["selector"].uri, store, self.device)
         for model in (self.unet, self.vae, self.classifier):
             model.to(self.device).eval().requires_grad_(False)
+        self.anchor_latents: dict[str, torch.Tensor] = {}
+        if plan.anchors is not None and plan.sampling.strength < 1.0:
+            from histodiff.data.encode import load_latents
+
+            z, _, sha1s, _ = load_latents(plan.anchors.latents_uri, store)
+            row = {s: i for i, s in enumerate(sha1s)}
+            wanted = sorted({s for ss in plan.anchors.sha1s.values() for s in ss})
+            missing = [s for s in wanted if s not in row]
+            if missing:
+                raise ValueError(f"{len(missing)} anchor tiles have no latent in {plan.anchors.latents_uri!r}; "
+                                 "rerun `histodiff run encode`")
+            self.anchor_latents = {s: z[row[s]] * plan.anchors.scale_factor for s in wanted}
 
     def generate(self, item: dict) -> dict:
         """Return {class, batch, indices, seeds, tiles (uint8 NHWC), score, passed} for one work item."""
@@ -127,9 +158,11 @@ class SynthesisWorker:
         y = self.classes.index(item["class"])
         shape = (len(seeds), *self.unet_meta["latent_shape"])
         cond_fn = classifier_grad_fn(self.classifier, torch.full((len(seeds),), y), s.guidance_scale)
+        anchors = torch.stack([self.anchor_latents[a] for a in item["anchors"]]) if self.anchor_latents else None
         z = ddim_sample(self.unet, ddim_scheduler(s.schedule), shape,
                         [torch.Generator().manual_seed(sd) for sd in seeds], s.num_inference_steps, s.eta,
-                        cond_fn=cond_fn, device=self.device, autocast=autocast(self.device))
+                        cond_fn=cond_fn, device=self.device, autocast=autocast(self.device), anchors=anchors,
+                        strength=s.strength)
         with torch.no_grad():
             images = self.vae.decode(z / float(self.unet_meta["scale_factor"])).sample.float()
         tiles = shards.to_uint8(images)
@@ -188,36 +221,53 @@ def generate_all(plan: SynthesisPlan, workers: list[Any], use_ray: bool) -> dict
     return kept
 
 
-def lineage_and_accepted(plan: SynthesisPlan, kept: dict[str, list[dict]], prefix: str
-                         ) -> tuple[pa.Table, dict[str, np.ndarray], dict[str, list[str]], dict[str, dict]]:
-    """Return (lineage table: a row per generated tile, accepted tiles and their ids per class, the report)."""
+def keep_mask(passed: np.ndarray, score: np.ndarray, mode: str, cap: int) -> np.ndarray:
+    """Return which tiles are kept: mode ``none`` the first ``cap`` in generation order (no ranking by any
+    classifier: the unfiltered control), otherwise the ``cap`` best-scoring tiles that passed the rule."""
     from histodiff.augment.selection import cap_by_score
 
+    if mode == "none":
+        keep = np.zeros(len(passed), bool)
+        keep[:cap] = True
+        return keep
+    return cap_by_score(torch.from_numpy(passed), torch.from_numpy(score), cap).numpy()
+
+
+def lineage_and_accepted(plan: SynthesisPlan, kept: dict[str, list[dict]], prefix: str
+                         ) -> tuple[pa.Table, dict[str, dict[str, Any]], dict[str, dict]]:
+    """Return (lineage: a row per generated tile, per class {tiles, ids, accepted mask}, the report).
+
+    The report separates the selector's **selectivity** (passed / generated) from the **quota fill**
+    (accepted / ``accepted_per_class``): a rule that passes nearly everything still fills the quota
+    and stops, and a class that cannot fill it is reported with its numbers.
+    """
     s, sel = plan.sampling, plan.selection
     cap = plan.accepted_per_class if sel.max_per_class is None else min(plan.accepted_per_class, sel.max_per_class)
     rows: dict[str, list] = {name: [] for name in LINEAGE_SCHEMA.names}
-    accepted_tiles, accepted_ids, report = {}, {}, {}
+    per_class, report = {}, {}
     for c, batches in kept.items():
         if not batches:
             continue
-        passed = torch.from_numpy(np.concatenate([b["passed"] for b in batches]))
-        score = torch.from_numpy(np.concatenate([b["score"] for b in batches]))
-        accepted = cap_by_score(passed, score, cap).numpy()
-        tiles = np.concatenate([b["tiles"] for b in batches])
+        passed = np.concatenate([b["passed"] for b in batches]).astype(bool)
+        score = np.concatenate([b["score"] for b in batches])
+        accepted = keep_mask(passed, score, sel.mode, cap)
+        ids = [f"syn-{prefix}-{c}-{i:06d}" for b in batches for i in b["indices"]]
+        anchor_ids = [a for b in batches for a in b["anchors"]]
         seeds = [sd for b in batches for sd in b["seeds"]]
         batch_ids = [b["batch"] for b in batches for _ in b["seeds"]]
-        ids = [f"syn-{prefix}-{c}-{i:06d}" for b in batches for i in b["indices"]]
         for i, (sd, b) in enumerate(zip(seeds, batch_ids)):
             for name, value in (("tile_id", ids[i]), ("class", c), ("batch", b), ("seed", sd),
                                 ("guidance_scale", s.guidance_scale), ("steps", s.num_inference_steps),
                                 ("eta", s.eta), ("selection_mode", sel.mode), ("selector_score", float(score[i])),
-                                ("passed_rule", bool(passed[i])), ("accepted", bool(accepted[i]))):
+                                ("passed_rule", bool(passed[i])), ("accepted", bool(accepted[i])),
+                                ("strength", s.strength), ("anchor", anchor_ids[i])):
                 rows[name].append(value)
             for kind in MODEL_KINDS:
                 rows[f"{kind}_sha256"].append(plan.models[kind].sha256)
-        accepted_tiles[c] = tiles[accepted]
-        accepted_ids[c] = [tid for tid, a in zip(ids, accepted) if a]
-        report[c] = {"generated": len(seeds), "passed_rule": int(passed.sum()), "accepted": int(accepted.sum()),
-                     "acceptance_rate": float(accepted.mean()),
-                     "score_histogram": np.histogram(score.numpy(), bins=10, range=(0.0, 1.0))[0].tolist()}
-    return pa.Table.from_pydict(rows, schema=LINEAGE_SCHEMA), accepted_tiles, accepted_ids, report
+        per_class[c] = {"tiles": np.concatenate([b["tiles"] for b in batches]), "ids": ids, "accepted": accepted}
+        n = len(seeds)
+        report[c] = {"generated": n, "passed_rule": int(passed.sum()), "accepted": int(accepted.sum()),
+                     "quota": plan.accepted_per_class, "selectivity": float(passed.sum()) / n,
+                     "quota_fill": float(accepted.sum()) / plan.accepted_per_class,
+                     "score_histogram": np.histogram(score, bins=10, range=(0.0, 1.0))[0].tolist()}
+    return pa.Table.from_pydict(rows, schema=LINEAGE_SCHEMA), per_class, report

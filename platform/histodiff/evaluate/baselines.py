@@ -1,12 +1,10 @@
 """Cheap baselines: use the same unlabeled pool and the same labels, but generate nothing.
 
 Synthetic augmentation has to beat what a user would try first (METHOD.md):
-- ``latent_knn`` / ``latent_linear``: kNN and a linear probe on frozen autoencoder latents
-  (the posterior mean, flattened and standardised), fit on the labeled train split; the
-  probe's weight decay is chosen on validation;
-- ``pseudo_label``: the baseline classifier labels the real unlabeled pool; pool tiles at or
-  above a confidence threshold, balanced per class, join the real train split, and the
-  same recipe retrains on them (selection on validation, scored on test).
+``latent_knn`` / ``latent_linear``: kNN and a linear probe on frozen features (the autoencoder's
+posterior mean, or any other feature map), flattened and standardised, fit on the labeled train
+split; the probe's weight decay is chosen on validation. Pseudo-labeling the pool is a control
+arm of the downstream protocol (:mod:`histodiff.evaluate.controls`).
 """
 
 from __future__ import annotations
@@ -18,8 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histodiff.evaluate.downstream import (ArmOutcome, Recipe, Runner, Splits, _tensors, local_runner,
-                                           train_and_score)
+from histodiff.evaluate.downstream import Splits, _tensors
 from histodiff.evaluate.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -86,46 +83,3 @@ def probe_baselines(splits: Splits, encode: Callable[[np.ndarray], torch.Tensor]
         with torch.no_grad():
             out["latent_linear"].append(classification_metrics(head(te).argmax(1), sy, c))
     return out
-
-
-def confident_balanced(probs: torch.Tensor, threshold: float, max_per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Return (indices, labels) of the most confident predictions >= threshold, the same count per class."""
-    conf, label = probs.max(1)
-    keep = conf >= threshold
-    per_class = [torch.nonzero(keep & (label == c)).flatten() for c in range(probs.shape[1])]
-    n = min(len(ix) for ix in per_class)
-    if max_per_class is not None:
-        n = min(n, max_per_class)
-    picked = [ix[conf[ix].argsort(descending=True)[:n]] for ix in per_class]
-    idx = torch.cat(picked).sort().values
-    return idx.numpy(), label[idx].numpy().astype(np.int64)
-
-
-def pseudo_label_arm(seed: int, splits: Splits, pool_x: np.ndarray, recipe: Recipe, threshold: float,
-                     max_per_class: int | None) -> tuple[ArmOutcome, ArmOutcome]:
-    """Return the baseline's and the pseudo-labeling arm's test outcomes for one seed.
-
-    The baseline trained here to label the pool is the paired baseline itself (training is
-    deterministic per seed), so a caller need not train it a second time.
-    """
-    from histodiff.models.backbone import create_backbone
-    from histodiff.runtime import device_for
-    from histodiff.train.backbone import predict_proba
-
-    empty = (np.zeros((0, *splits.train_x.shape[1:]), np.uint8), np.zeros(0, np.int64))
-    baseline, state = train_and_score("baseline", seed, splits, *empty, recipe, True)
-    device = device_for(recipe.use_gpu)
-    model = create_backbone(recipe.backbone, len(splits.classes), recipe.image_size)
-    model.load_state_dict(state)
-    probs = predict_proba(model.to(device), _tensors(pool_x), recipe.image_size, device=device)
-    idx, labels = confident_balanced(probs, threshold, max_per_class)
-    log.info("pseudo-labeling (seed %d): %d pool tiles at confidence >= %.2f", seed, len(idx), threshold)
-    outcome, _ = train_and_score("pseudo_label", seed, splits, pool_x[idx], labels, recipe)
-    return baseline, outcome
-
-
-def pseudo_label_outcomes(splits: Splits, pool_x: np.ndarray, recipe: Recipe, seeds: list[int], threshold: float,
-                          max_per_class: int | None = None, runner: Runner = local_runner) -> list[ArmOutcome]:
-    """Return per seed the baseline's outcome and the pseudo-labeling arm's (``pseudo_label``), paired by seed."""
-    pairs = runner(pseudo_label_arm, [(seed, splits, pool_x, recipe, threshold, max_per_class) for seed in seeds])
-    return [outcome for pair in pairs for outcome in pair]

@@ -1,8 +1,9 @@
 """Downstream evaluation: a timm classifier on real tiles vs real + synthetic tiles, K seeds.
 
 Protocol (METHOD.md, fixing the reference code's test-set selection):
-- every arm (``baseline`` = real train split; ``augmented`` = real + class-balanced synthetic,
-  ``synthetic_ratio`` x the real count) trains with the same recipe and the same seeds;
+- every arm (``baseline`` = the real train split; every other arm = the real tiles plus an
+  extra set: synthetic tiles, or a control's tiles at the same volume, filling
+  ``synthetic_fraction`` of each batch) trains with the same recipe, steps and seeds;
 - :func:`train_and_score` selects the epoch on the validation split only: the selection
   function (``fit_classifier``) is never handed the test split, which is touched once,
   after selection, to score the chosen model;
@@ -26,9 +27,30 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from histodiff.evaluate.metrics import SCALAR_METRICS, classification_metrics
-from histodiff.train.backbone import fit_classifier, predict_proba
+from histodiff.train.backbone import fit_classifier, predict_proba, soft_targets
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Extra:
+    """An arm's extra training tiles: uint8 NHWC tiles, class ids (N,) or probabilities (N, K), optional weights."""
+
+    x: np.ndarray
+    y: np.ndarray
+    weight: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def take(self, idx: np.ndarray) -> "Extra":
+        """Return the rows ``idx`` of this set."""
+        return Extra(self.x[idx], self.y[idx], None if self.weight is None else self.weight[idx])
+
+
+# An arm: fixed extra tiles, or a function of (seed, the seed's baseline weights) that builds them
+# (pseudo-labeling labels the pool with each seed's own baseline).
+Arm = Extra | Callable[[int, dict], Extra]
 
 
 @dataclass
@@ -57,6 +79,8 @@ class Recipe(BaseModel):
     batch_size: int
     augment: Literal["dihedral", "shift", "none"] = "dihedral"
     synthetic_loss_weight: float = 1.0
+    synthetic_label_smoothing: float = 0.0
+    synthetic_fraction: float = 0.5
     use_gpu: bool = False
     steps: int | None = None
 
@@ -66,7 +90,9 @@ class Recipe(BaseModel):
         ev = cfg.evaluation
         return cls(backbone=ev.backbone, image_size=ev.image_size, epochs=ev.epochs, lr=ev.lr,
                    weight_decay=ev.weight_decay, batch_size=ev.batch_size, augment=ev.augment,
-                   synthetic_loss_weight=ev.synthetic_loss_weight, use_gpu=cfg.ray.use_gpu, steps=ev.steps)
+                   synthetic_loss_weight=ev.synthetic_loss_weight,
+                   synthetic_label_smoothing=ev.synthetic_label_smoothing, synthetic_fraction=ev.synthetic_fraction,
+                   use_gpu=cfg.ray.use_gpu, steps=ev.steps)
 
 
 @dataclass
@@ -99,19 +125,6 @@ def check_labels(name: str, labels: list[str | None], classes: list[str], requir
                              "(raise the label budget or drop the class)")
 
 
-def sample_balanced(labels: np.ndarray, total: int, num_classes: int, seed: int) -> np.ndarray:
-    """Return indices of about ``total`` items, equal per class, drawn without replacement with ``seed``."""
-    rng = np.random.default_rng(seed)
-    per_class = int(round(total / num_classes))
-    picked = []
-    for c in range(num_classes):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < per_class:
-            log.warning("class %d has only %d synthetic tiles (wanted %d); using all of them", c, len(idx), per_class)
-        picked.append(rng.permutation(idx)[:per_class])
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
-
-
 def _tensors(tiles: np.ndarray) -> torch.Tensor:
     from histodiff.data.shards import to_model_range
 
@@ -120,28 +133,34 @@ def _tensors(tiles: np.ndarray) -> torch.Tensor:
     return to_model_range(tiles)
 
 
-def train_and_score(arm: str, seed: int, splits: Splits, extra_x: np.ndarray, extra_y: np.ndarray,
-                    recipe: Recipe, return_state: bool = False) -> tuple[ArmOutcome, dict | None]:
+def train_and_score(arm: str, seed: int, splits: Splits, extra: Extra | None, recipe: Recipe,
+                    return_state: bool = False) -> tuple[ArmOutcome, dict | None]:
     """Return the validation-selected model's test metrics for one (arm, seed) (and its weights if asked)."""
     from histodiff.runtime import device_for
 
     device = device_for(recipe.use_gpu)
     num_classes = len(splits.classes)
-    train_x = _tensors(np.concatenate([splits.train_x, extra_x]) if len(extra_x) else splits.train_x)
-    train_y = torch.from_numpy(np.concatenate([splits.train_y, extra_y]).astype(np.int64))
-    weights = torch.cat([torch.ones(len(splits.train_y)), torch.full((len(extra_y),), recipe.synthetic_loss_weight)])
+    kwargs: dict[str, Any] = {}
+    if extra is not None and len(extra):
+        weight = extra.weight if extra.weight is not None else np.ones(len(extra), np.float32)
+        y = torch.from_numpy(extra.y)
+        if recipe.synthetic_label_smoothing > 0:  # soft labels: trust each extra tile a little less
+            eps = recipe.synthetic_label_smoothing
+            y = soft_targets(y, num_classes) * (1 - eps) + eps / num_classes
+        kwargs = {"extra_x": _tensors(extra.x), "extra_y": y,
+                  "extra_weight": torch.from_numpy(weight.astype(np.float32)) * recipe.synthetic_loss_weight,
+                  "extra_fraction": recipe.synthetic_fraction}
     # Model selection: only train and validation tiles reach fit_classifier.
     fit = fit_classifier(
-        train_x, train_y, _tensors(splits.val_x), torch.from_numpy(splits.val_y.astype(np.int64)),
-        backbone=recipe.backbone, num_classes=num_classes, image_size=recipe.image_size, epochs=recipe.epochs,
-        lr=recipe.lr, weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, seed=seed, device=device,
-        sample_weight=weights, augment=recipe.augment, steps=recipe.steps,
-    )
+        _tensors(splits.train_x), torch.from_numpy(splits.train_y.astype(np.int64)), _tensors(splits.val_x),
+        torch.from_numpy(splits.val_y.astype(np.int64)), backbone=recipe.backbone, num_classes=num_classes,
+        image_size=recipe.image_size, epochs=recipe.epochs, lr=recipe.lr, weight_decay=recipe.weight_decay,
+        batch_size=recipe.batch_size, seed=seed, device=device, augment=recipe.augment, steps=recipe.steps, **kwargs)
     # The test split is touched here, once, after selection is final.
     pred = predict_proba(fit.model, _tensors(splits.test_x), recipe.image_size, device=device).argmax(-1)
     metrics = classification_metrics(pred, torch.from_numpy(splits.test_y.astype(np.int64)), num_classes)
     outcome = ArmOutcome(arm, seed, fit.best_epoch, fit.best_val_balanced_accuracy, len(splits.train_y),
-                         len(extra_y), metrics)
+                         0 if extra is None else len(extra), metrics)
     state = {k: v.detach().cpu() for k, v in fit.model.state_dict().items()} if return_state else None
     return outcome, state
 
@@ -165,7 +184,7 @@ def ray_runner(num_cpus: float, use_gpu: bool) -> Runner:
         shared: dict[int, Any] = {}
 
         def ref(arg: Any) -> Any:
-            if isinstance(arg, (Splits, np.ndarray)) and getattr(arg, "size", 1) > 0:
+            if isinstance(arg, (Splits, Extra, np.ndarray)) and getattr(arg, "size", 1) > 0:
                 if id(arg) not in shared:
                     shared[id(arg)] = ray.put(arg)
                 return shared[id(arg)]
@@ -176,32 +195,33 @@ def ray_runner(num_cpus: float, use_gpu: bool) -> Runner:
     return run_jobs
 
 
-def evaluate_arms(splits: Splits, arms: dict[str, tuple[np.ndarray, np.ndarray]], recipe: Recipe,
-                  seeds: list[int], runner: Runner = local_runner, keep_state: tuple[str, int] | None = None,
-                  baseline: bool = True) -> tuple[list[ArmOutcome], dict | None]:
-    """Return every (arm, seed) outcome (``arms`` maps name -> extra tiles) and one kept model.
+def evaluate_arms(splits: Splits, arms: dict[str, Arm], recipe: Recipe, seeds: list[int],
+                  runner: Runner = local_runner) -> tuple[list[ArmOutcome], dict[int, dict]]:
+    """Return every (arm, seed) outcome, the baseline first, and the baseline's weights per seed.
 
-    The baseline arm (real tiles only) is added unless ``baseline=False``: the validation
-    benchmark takes it from the pseudo-labeling baseline, which trains it anyway.
+    ``arms`` maps a name to its extra tiles, or to a function (seed, baseline weights) -> extra
+    tiles for arms built from each seed's baseline. The baselines train first (every seed at
+    once), then every other (arm, seed) at once. An arm with no extra tiles is the baseline
+    itself (training is deterministic per seed): it takes the baseline's outcomes, untrained.
     """
     check_labels("real train split", [splits.classes[i] for i in splits.train_y], splits.classes, require_all=True)
     if len(splits.val_y) == 0:
         raise ValueError("the validation split is empty: model selection needs one (set data.val_fraction > 0)")
     if len(splits.test_y) == 0:
         raise ValueError("the test split is empty: give a labeled test set or set data.test_fraction > 0")
-    empty = (np.zeros((0, *splits.train_x.shape[1:]), np.uint8), np.zeros(0, np.int64))
-    all_arms = {"baseline": empty, **arms} if baseline else dict(arms)
-    # An arm with no extra tiles is the baseline itself (training is deterministic per seed): its
-    # outcomes are the baseline's, not a second training of the same thing.
-    same_as_baseline = [arm for arm, (_, y) in all_arms.items() if arm != "baseline" and len(y) == 0 and baseline]
-    jobs = [(arm, seed, splits, x, y, recipe, keep_state == (arm, seed)) for arm, (x, y) in all_arms.items()
-            if arm not in same_as_baseline for seed in seeds]
-    results = runner(train_and_score, jobs)
-    kept = next((state for _, state in results if state is not None), None)
-    outcomes = [outcome for outcome, _ in results]
-    for arm in same_as_baseline:
-        outcomes += [dataclasses.replace(o, arm=arm) for o in outcomes if o.arm == "baseline"]
-    return outcomes, kept
+    first = runner(train_and_score, [("baseline", seed, splits, None, recipe, True) for seed in seeds])
+    outcomes = [outcome for outcome, _ in first]
+    states = {seed: state for seed, (_, state) in zip(seeds, first)}
+    jobs, copies = [], []
+    for name, arm in arms.items():
+        for seed in seeds:
+            extra = arm(seed, states[seed]) if callable(arm) else arm
+            if len(extra):
+                jobs.append((name, seed, splits, extra, recipe, False))
+            else:
+                copies.append(dataclasses.replace(outcomes[seeds.index(seed)], arm=name))
+    outcomes += [outcome for outcome, _ in runner(train_and_score, jobs)] + copies
+    return outcomes, states
 
 
 def format_table(summary: dict[str, dict[str, list[float]]], gains: dict[str, dict[str, dict]], n_seeds: int) -> str:
@@ -228,17 +248,30 @@ def load_splits(split: Any, store: Any) -> Splits:
     return Splits(list(classes), tx, ty, vx, vy, sx, sy)
 
 
-def load_synthetic(uri: str, store: Any, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Return (uint8 NHWC tiles, class ids) of the accepted synthetic tiles at a shard directory."""
-    from histodiff.data.shards import load_tiles
+def load_synthetic(uri: str, store: Any, classes: list[str], weighting: str = "none") -> Extra:
+    """Return the synthetic tiles at a shard directory as an extra set (with ``weighting="confidence"``,
+    each tile weighted by its selector score from the synthesis lineage next to the directory)."""
+    import posixpath
 
-    tiles, labels = load_tiles(uri, store)
+    from histodiff.data.shards import read_table, decode_png
+
+    table = read_table(uri, store, columns=["image", "label", "source"])
+    labels = table.column("label").to_pylist()
     # A class the selector rejected entirely is a result, not bad input: the augmented arm adds
-    # tiles of the other classes (sample_balanced warns). Nothing accepted at all is a result too:
+    # tiles of the other classes (synthesize warns). Nothing accepted at all is a result too:
     # the augmented arm is then the real tiles alone (gain 0), flagged by its synthetic count of 0.
     check_labels(f"synthetic tiles at {uri!r}", labels, classes, require_all=False)
     if not labels:
         log.warning("synthetic tiles at %s: the selector accepted no tile of any class, so the augmented arm "
                     "is the real tiles alone (gain 0). Lower synthesis.selector.threshold, or raise "
                     "synthesis.max_samples_per_class or synthesis.guidance_scale", uri)
-    return tiles, np.array([classes.index(c) for c in labels], dtype=np.int64)
+        return Extra(np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64))
+    tiles = np.stack([decode_png(b) for b in table.column("image").to_pylist()])
+    ids = np.array([classes.index(c) for c in labels], dtype=np.int64)
+    weight = None
+    if weighting == "confidence":
+        lineage = store.read_parquet(posixpath.join(posixpath.dirname(uri.rstrip("/")), "lineage.parquet"),
+                                     ["tile_id", "selector_score"])
+        score = dict(zip(lineage.column("tile_id").to_pylist(), lineage.column("selector_score").to_pylist()))
+        weight = np.array([score[t] for t in table.column("source").to_pylist()], np.float32)
+    return Extra(tiles, ids, weight)

@@ -70,22 +70,61 @@ class Gain:
         return out
 
 
-def paired_gain(baseline: Sequence[float], augmented: Sequence[float], confidence: float = 0.95) -> Gain:
-    """Return the mean paired difference augmented - baseline and its Student t confidence interval."""
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Gain:
+    """Return the mean of ``values`` with its Student t confidence interval (NaN for fewer than 2 values)."""
     from scipy import stats
 
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("a confidence interval needs at least one value")
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return Gain(mean, math.nan, math.nan, math.nan, n, tuple(values), confidence)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * std / math.sqrt(n)
+    return Gain(mean, mean - half, mean + half, std, n, tuple(values), confidence)
+
+
+def paired_gain(baseline: Sequence[float], augmented: Sequence[float], confidence: float = 0.95) -> Gain:
+    """Return the mean paired difference augmented - baseline and its Student t confidence interval."""
     if len(baseline) != len(augmented):
         raise ValueError(f"paired gain needs one baseline per augmented value; got {len(baseline)} and {len(augmented)}")
     if not baseline:
         raise ValueError("paired gain needs at least one seed")
-    diffs = [float(a) - float(b) for a, b in zip(augmented, baseline)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    if n < 2:
-        return Gain(mean, math.nan, math.nan, math.nan, n, tuple(diffs), confidence)
-    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * std / math.sqrt(n)
-    return Gain(mean, mean - half, mean + half, std, n, tuple(diffs), confidence)
+    return mean_interval([float(a) - float(b) for a, b in zip(augmented, baseline)], confidence)
+
+
+def draw_gain(per_draw: Sequence[Sequence[float]], confidence: float = 0.95) -> Gain:
+    """Return the gain over label draws: each draw's seed-averaged paired gain, then a t-interval over draws.
+
+    The labeled draw (and with it the latent classifier, the selector and the synthesis) is the
+    largest source of variance at a few labels per class; seeds only vary the downstream
+    initialisation and batch order, so they are averaged within a draw, not counted as samples.
+    """
+    if not per_draw or any(not d for d in per_draw):
+        raise ValueError("a gain over draws needs at least one seed in every draw")
+    return mean_interval([sum(d) / len(d) for d in per_draw], confidence)
+
+
+def t_test_p(values: Sequence[float]) -> float:
+    """Return the two-sided p-value of a one-sample t-test of mean(values) = 0 (NaN for fewer than 2)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return math.nan
+    return float(stats.ttest_1samp(list(values), 0.0).pvalue)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Return Holm-Bonferroni adjusted p-values (same order; NaN stays NaN): family-wise error control."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if p == p)
+    adjusted = [math.nan] * len(p_values)
+    running, m = 0.0, len(order)
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -1,8 +1,10 @@
 """Stage ``synthesize``: guided synthesis per class, judged by the selector, until N per class are accepted.
 
-Outputs under ``paths.synthetic``: ``accepted/`` tile shards (manifest last), ``lineage.parquet``
-(one row per generated tile, with every model's hash) and ``report.json``; the acceptance plot
-and grids go to MLflow. The math and the work items are :mod:`histodiff.augment.synthesize`.
+Outputs under ``paths.synthetic``: ``accepted/`` tile shards (manifest last), ``generated/``
+(every generated tile, accepted or not, with ``synthesis.keep_rejected``: the unfiltered control
+draws from it), ``lineage.parquet`` (one row per generated tile, with every model's hash) and
+``report.json`` (per class: generated, passed, accepted, selectivity, quota fill); the acceptance
+plot and grids go to MLflow. The math and the work items are :mod:`histodiff.augment.synthesize`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from histodiff.augment.synthesize import (MODEL_KINDS, ModelRef, SamplingSpec, SelectionSpec, SynthesisPlan,
-                                          SynthesisWorker, generate_all, lineage_and_accepted)
+from histodiff.augment.synthesize import (MODEL_KINDS, AnchorSpec, ModelRef, SamplingSpec, SelectionSpec,
+                                          SynthesisPlan, SynthesisWorker, generate_all, lineage_and_accepted)
 from histodiff.checkpoint import model_meta
 from histodiff.config import HistodiffConfig
 from histodiff.data import shards
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 VERSION = 1
 LINEAGE = "lineage.parquet"
 REPORT = "report.json"
+GENERATED = "generated"
 _MAKER = {"denoiser": "`histodiff run pretrain`", "autoencoder": "`histodiff run autoencoder`",
           "classifier": "`histodiff run classifier`", "selector": "`histodiff run selector`"}
 
@@ -39,6 +42,7 @@ class Spec(StageSpec):
     plan: SynthesisPlan
     num_actors: int
     tiles_per_shard: int
+    keep_rejected: bool
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Result(StageResult):
     lineage_uri: str
     generated: dict[str, int] = field(default_factory=dict)
     accepted: dict[str, int] = field(default_factory=dict)
+    generated_uri: str | None = None
 
 
 def spec(cfg: HistodiffConfig, store: Store) -> Spec:
@@ -75,48 +80,68 @@ def spec(cfg: HistodiffConfig, store: Store) -> Spec:
         models={k: ModelRef(uri=uris[k], sha256=metas[k]["sha256"]) for k in MODEL_KINDS},
         classes=synthesis.classes or known, accepted_per_class=synthesis.accepted_per_class,
         max_samples_per_class=synthesis.max_samples_per_class, batch_size=synthesis.batch_size, seed=cfg.seed,
-        sampling=SamplingSpec(guidance_scale=synthesis.guidance_scale, num_inference_steps=synthesis.num_inference_steps, eta=synthesis.eta,
-                              schedule=cfg.denoiser.schedule),
+        sampling=SamplingSpec(guidance_scale=synthesis.guidance_scale, num_inference_steps=synthesis.num_inference_steps,
+                              eta=synthesis.eta, schedule=cfg.denoiser.schedule, strength=synthesis.strength),
         selection=SelectionSpec(mode=synthesis.selector.mode, threshold=synthesis.selector.threshold,
-                                max_per_class=synthesis.selector.max_per_class))
-    return Spec(output_uri=paths.synthetic, plan=plan, num_actors=synthesis.num_actors, tiles_per_shard=cfg.data.tiles_per_shard)
+                                max_per_class=synthesis.selector.max_per_class),
+        anchors=anchor_spec(cfg, store) if synthesis.strength < 1.0 else None)
+    return Spec(output_uri=paths.synthetic, plan=plan, num_actors=synthesis.num_actors,
+                tiles_per_shard=cfg.data.tiles_per_shard, keep_rejected=synthesis.keep_rejected)
 
 
-def _write_outputs(spec: Spec, store: Store, lineage: pa.Table, accepted: dict[str, np.ndarray],
-                   ids: dict[str, list[str]], report: dict) -> str:
-    out = join(spec.output_uri, "accepted")
+def write_tile_set(out: str, store: Store, tiles: list[np.ndarray], labels: list[str], sources: list[str],
+                   tiles_per_shard: int, report: dict, extra: dict) -> None:
+    """Write a synthetic tile set as tile shards (dataset ``synthetic``), its manifest last."""
     store.delete(join(out, shards.MANIFEST))  # an older complete set must not look current while it is replaced
-    tiles = [t for c in accepted for t in accepted[c]]
-    labels = [c for c in accepted for _ in accepted[c]]
-    sources = [tid for c in accepted for tid in ids[c]]
-    names, per = [], spec.tiles_per_shard
-    for k, start in enumerate(range(0, len(tiles), per)):
+    names = []
+    for k, start in enumerate(range(0, len(tiles), tiles_per_shard)):
         names.append(shards.shard_name(k))
-        shards.write_table(shards.tiles_table(tiles[start:start + per], labels[start:start + per], "synthetic",
-                                              sources[start:start + per]), join(out, names[-1]), store)
+        stop = start + tiles_per_shard
+        shards.write_table(shards.tiles_table(tiles[start:stop], labels[start:stop], "synthetic", sources[start:stop]),
+                           join(out, names[-1]), store)
+    fingerprint = hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]  # which tiles: the set's identity
+    shards.write_manifest(shards.Manifest(uri=out, shards=names, num_tiles=len(tiles), classes=sorted(set(labels)),
+                                          tile_size=int(tiles[0].shape[0]) if tiles else 0, report=report,
+                                          fingerprint=fingerprint, extra=extra), store)
+
+
+def anchor_spec(cfg: HistodiffConfig, store: Store) -> AnchorSpec:
+    """Return the anchors of anchored synthesis: the labeled train split's tiles per class, by sha1, and their latents."""
+    from histodiff.data.encode import latents_ref
+    from histodiff.data.splits import labeled_splits, split_spec
+
+    tiles, ids, classes = labeled_splits(split_spec(cfg, store), store)["train"]
+    latents = latents_ref(join(cfg.paths.labeled_latents, "train"), store)
+    sha1s = {c: [shards.pixel_sha1(t) for t, i in zip(tiles, ids) if i == k] for k, c in enumerate(classes)}
+    return AnchorSpec(latents_uri=latents.uri, scale_factor=latents.scale_factor, sha1s=sha1s)
+
+
+def _write_outputs(spec: Spec, store: Store, lineage: pa.Table, per_class: dict, report: dict) -> str:
+    """Write lineage and report, the accepted set and (``keep_rejected``) every generated tile; return accepted/."""
     shards.write_table(lineage, join(spec.output_uri, LINEAGE), store)
     store.write_json(join(spec.output_uri, REPORT), report)
-    size = int(tiles[0].shape[0]) if tiles else 0
-    shards.write_manifest(shards.Manifest(uri=out, shards=names, num_tiles=len(tiles), classes=sorted(accepted),
-                                          tile_size=size, report=report, fingerprint=lineage_fingerprint(lineage),
-                                          extra={"lineage": LINEAGE}), store)
+    if spec.keep_rejected:
+        write_tile_set(join(spec.output_uri, GENERATED), store,
+                       [t for c in per_class for t in per_class[c]["tiles"]],
+                       [c for c in per_class for _ in per_class[c]["ids"]],
+                       [i for c in per_class for i in per_class[c]["ids"]], spec.tiles_per_shard, report,
+                       {"lineage": LINEAGE, "contents": "every generated tile, accepted or not"})
+    out = join(spec.output_uri, "accepted")
+    write_tile_set(out, store, [t for c in per_class for t in per_class[c]["tiles"][per_class[c]["accepted"]]],
+                   [c for c in per_class for _ in range(int(per_class[c]["accepted"].sum()))],
+                   [i for c in per_class for i, a in zip(per_class[c]["ids"], per_class[c]["accepted"]) if a],
+                   spec.tiles_per_shard, report, {"lineage": LINEAGE})
     return out
 
 
-def lineage_fingerprint(lineage: pa.Table) -> str:
-    """Return a short hash of which tiles were accepted (the identity of the synthetic set)."""
-    accepted = [tid for tid, a in zip(lineage["tile_id"].to_pylist(), lineage["accepted"].to_pylist()) if a]
-    return hashlib.sha256("\n".join(accepted).encode()).hexdigest()[:16]
-
-
-def _log_report(ctx: Context, report: dict, accepted: dict[str, np.ndarray], threshold: float) -> None:
+def _log_report(ctx: Context, report: dict, per_class: dict, threshold: float) -> None:
     ctx.tracker.log_figure(acceptance_figure(report, threshold), "acceptance/score_histograms.png")
     ctx.tracker.log_dict(report, "acceptance/report.json")
-    for c, tiles in accepted.items():
-        if len(tiles):
-            ctx.tracker.log_image(tile_grid(tiles[:32]), f"acceptance/accepted_{c}.png")
-    ctx.tracker.log_metrics({**{f"accepted/{c}": r["accepted"] for c, r in report.items()},
-                             **{f"acceptance_rate/{c}": r["acceptance_rate"] for c, r in report.items()}})
+    for c, data in per_class.items():
+        if data["accepted"].any():
+            ctx.tracker.log_image(tile_grid(data["tiles"][data["accepted"]][:32]), f"acceptance/accepted_{c}.png")
+    ctx.tracker.log_metrics({f"{key}/{c}": r[key] for c, r in report.items()
+                             for key in ("accepted", "selectivity", "quota_fill")})
 
 
 def work(spec: Spec, ctx: Context) -> Result:
@@ -133,16 +158,19 @@ def work(spec: Spec, ctx: Context) -> Result:
         for w in workers:
             ray.kill(w)
     prefix = hashlib.sha256(spec.plan.model_dump_json().encode()).hexdigest()[:8]  # tile ids unique per plan
-    lineage, accepted, ids, report = lineage_and_accepted(spec.plan, kept, prefix)
-    accepted_uri = _write_outputs(spec, ctx.store, lineage, accepted, ids, report)
+    lineage, per_class, report = lineage_and_accepted(spec.plan, kept, prefix)
+    accepted_uri = _write_outputs(spec, ctx.store, lineage, per_class, report)
     seconds = time.perf_counter() - t0
-    ctx.tracker.log_metrics({"accepted_tiles_per_s": sum(map(len, accepted.values())) / seconds})
-    _log_report(ctx, report, accepted, spec.plan.selection.threshold)
-    log.info("synthesis: %s", {c: f"{r['accepted']}/{r['generated']}" for c, r in report.items()})
-    rejected = [c for c, r in report.items() if r["accepted"] == 0]
-    if rejected:
-        log.warning("the selector accepted no tile of class(es) %s (threshold %s): see the score histograms in %s; "
-                    "lower synthesis.selector.threshold or raise synthesis.guidance_scale", rejected,
-                    spec.plan.selection.threshold, join(spec.output_uri, LINEAGE))
+    ctx.tracker.log_metrics({"accepted_tiles_per_s": sum(r["accepted"] for r in report.values()) / seconds})
+    _log_report(ctx, report, per_class, spec.plan.selection.threshold)
+    log.info("synthesis (accepted/generated): %s", {c: f"{r['accepted']}/{r['generated']}" for c, r in report.items()})
+    short = {c: f"{r['accepted']} of {r['quota']} ({r['passed_rule']} of {r['generated']} generated passed)"
+             for c, r in report.items() if r["accepted"] < r["quota"]}
+    if short:
+        log.warning("class(es) short of the quota of %d: %s. Lower synthesis.selector.threshold, or raise "
+                    "synthesis.max_samples_per_class or synthesis.guidance_scale; the score histograms are in MLflow "
+                    "and every tile's score in %s", spec.plan.accepted_per_class, short,
+                    join(spec.output_uri, LINEAGE))
     return Result(accepted_uri, join(spec.output_uri, LINEAGE), {c: r["generated"] for c, r in report.items()},
-                  {c: r["accepted"] for c, r in report.items()})
+                  {c: r["accepted"] for c, r in report.items()},
+                  join(spec.output_uri, GENERATED) if spec.keep_rejected else None)

@@ -87,12 +87,22 @@ def predict_proba(model: nn.Module, x: torch.Tensor, image_size: int, batch_size
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def soft_targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Return (N, K) class-probability targets: one-hot for int labels, unchanged for probabilities."""
+    return F.one_hot(y.long(), num_classes).float() if y.ndim == 1 else y.float()
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
                wb: torch.Tensor) -> float:
-    """Run one optimizer step of the sample-weighted cross-entropy (bf16 autocast on CUDA); return the loss."""
+    """Run one optimizer step of the sample-weighted cross-entropy (bf16 autocast on CUDA); return the loss.
+
+    ``yb`` holds int labels (N,) or class probabilities (N, K) (soft labels for synthetic tiles).
+    """
     with autocast(xb.device):
         logits = model(xb)
-    loss = (F.cross_entropy(logits.float(), yb, reduction="none") * wb).sum() / wb.sum().clamp_min(1e-8)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    per_sample = -(soft_targets(yb, logp.shape[-1]).to(logp.device) * logp).sum(-1)
+    loss = (per_sample * wb).sum() / wb.sum().clamp_min(1e-8)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -111,6 +121,21 @@ def _index_batches(n: int, batch_size: int, generator: torch.Generator) -> Itera
         yield from (perm[i : i + size] for i in range(0, n - size + 1, size))
 
 
+def mixed_batches(n_real: int, n_extra: int, batch_size: int, extra_fraction: float,
+                  generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (real indices, extra indices) batches forever: ``round(batch_size * extra_fraction)`` extra rows each.
+
+    The extra rows' share of every batch is fixed, however many extra tiles there are, so real tiles
+    keep their share of the gradient (without extra tiles, every row is real).
+    """
+    k = min(n_extra, round(batch_size * extra_fraction)) if n_extra else 0
+    real = _index_batches(n_real, batch_size - k, generator)
+    extra = _index_batches(n_extra, k, torch.Generator().manual_seed(int(generator.initial_seed()) + 1)) if k else None
+    empty = torch.zeros(0, dtype=torch.long)
+    while True:
+        yield next(real), (next(extra) if extra is not None else empty)
+
+
 def fit_classifier(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -126,16 +151,20 @@ def fit_classifier(
     batch_size: int,
     seed: int,
     device: torch.device | str = "cpu",
-    sample_weight: torch.Tensor | None = None,
     augment: bool | str = True,
     steps: int | None = None,
+    extra_x: torch.Tensor | None = None,
+    extra_y: torch.Tensor | None = None,
+    extra_weight: torch.Tensor | None = None,
+    extra_fraction: float = 0.5,
 ) -> FitResult:
     """Train a timm classifier; return the weights with the best validation balanced accuracy.
 
     ``steps=None`` trains ``epochs`` passes over ``train_x``. With ``steps``, training takes
-    exactly that many optimizer steps whatever the size of ``train_x`` (batches drawn from
-    successive shuffled passes), and ``epochs`` is the number of evenly spaced validation
-    rounds: arms with more tiles then get no more training than arms with fewer.
+    exactly that many optimizer steps whatever the size of the sets, and ``epochs`` is the number
+    of evenly spaced validation rounds: arms with more tiles get no more training than others.
+    ``extra_x`` / ``extra_y`` (int labels or (N, K) soft labels) / ``extra_weight`` are extra
+    training tiles (synthetic, pseudo-labeled, ...) that fill ``extra_fraction`` of every batch.
     """
     if len(train_x) == 0:
         raise ValueError("no training tiles")
@@ -144,37 +173,42 @@ def fit_classifier(
     mode = "dihedral" if augment is True else (augment or "none")
     if mode != "none" and mode not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; choose one of {sorted(AUGMENTATIONS)} or 'none'")
+    if steps is not None and steps < epochs:
+        raise ValueError(f"steps={steps} must be at least epochs={epochs} (the number of validation rounds)")
+    if len(train_x) < 2:
+        raise ValueError(f"{len(train_x)} training tile(s): BatchNorm needs at least 2 per batch")
     device = torch.device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = create_backbone(backbone, num_classes, image_size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if steps is not None and steps < epochs:
-        raise ValueError(f"steps={steps} must be at least epochs={epochs} (the number of validation rounds)")
-    if len(train_x) < 2:
-        raise ValueError(f"{len(train_x)} training tile(s): BatchNorm needs at least 2 per batch")
-    passes = max(1, len(train_x) // batch_size)
+    n_extra = 0 if extra_x is None else len(extra_x)
+    batches = mixed_batches(len(train_x), n_extra, batch_size, extra_fraction, gen)
+    passes = max(1, len(train_x) // max(1, batch_size - (round(batch_size * extra_fraction) if n_extra else 0)))
     rounds = [passes] * epochs if steps is None else [steps // epochs + (r < steps % epochs) for r in range(epochs)]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=sum(rounds), pct_start=0.15)
-    weights = sample_weight if sample_weight is not None else torch.ones(len(train_x))
-    batches = _index_batches(len(train_x), batch_size, gen)
+    real_y = soft_targets(train_y, num_classes)
+    if n_extra:
+        extra_soft = soft_targets(extra_y, num_classes)
+        extra_w = extra_weight if extra_weight is not None else torch.ones(n_extra)
     best = (-1.0, -1, None)
     history = []
     step = 0
     for epoch, round_steps in enumerate(rounds):
         model.train()
         total, seen = 0.0, 0
-        for idx in itertools.islice(batches, round_steps):
-            xb = train_x[idx]
+        for real_idx, extra_idx in itertools.islice(batches, round_steps):
+            xb, yb, wb = train_x[real_idx], real_y[real_idx], torch.ones(len(real_idx))
+            if len(extra_idx):
+                xb = torch.cat([xb, extra_x[extra_idx]])
+                yb = torch.cat([yb, extra_soft[extra_idx]])
+                wb = torch.cat([wb, extra_w[extra_idx]])
             if mode != "none":
                 xb = AUGMENTATIONS[mode](xb, gen)
-            xb = resize(xb.to(device), image_size)
-            yb = train_y[idx].to(device)
-            wb = weights[idx].to(device)
-            loss = train_step(model, opt, xb, yb, wb)
+            loss = train_step(model, opt, resize(xb.to(device), image_size), yb.to(device), wb.to(device))
             sched.step()
-            total += loss * len(idx)
-            seen += len(idx)
+            total += loss * len(yb)
+            seen += len(yb)
             step += 1
         val_pred = predict_proba(model, val_x, image_size, device=device).argmax(-1)
         val_bacc = balanced_accuracy(val_pred, val_y, num_classes)

@@ -1,0 +1,108 @@
+"""One cell of the validation (a label budget x a label draw): the method's stages, then every arm.
+
+Each cell runs the chain as a user runs it (``classifier``, ``selector``, ``synthesize`` through
+the stage runner), builds the augmented arm and the six controls at the augmented arm's per-class
+volume (:mod:`histodiff.evaluate.controls`), and trains them all over the protocol's seeds with
+the same recipe (:func:`histodiff.evaluate.downstream.evaluate_arms`, one Ray task per run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+
+from histodiff.config import HistodiffConfig
+from histodiff.data import shards
+from histodiff.evaluate import controls
+from histodiff.evaluate.downstream import Extra, Recipe, evaluate_arms, load_splits, load_synthetic, ray_runner
+from histodiff.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def select_unguided(selector: Any, tiles: np.ndarray, mode: str, threshold: float, counts: np.ndarray) -> Extra:
+    """Return the unguided tiles the selector accepts, per class in pool order, up to ``counts[c]``.
+
+    An unguided sample has no target: it is offered to the class it is most like under the rule
+    (the selector's argmax, or the nearest centroid), and passes that class's rule as a guided
+    sample passes its target's.
+    """
+    import torch.nn.functional as F
+
+    from histodiff.augment.selection import centroid_rule, confidence_rule
+
+    probs, feats = selector.judge(shards.to_model_range(tiles))
+    if mode == "centroid":
+        target = (F.normalize(feats.float(), dim=-1) @ selector.centroids.float().T).argmax(-1)
+        passed, _ = centroid_rule(feats, target, selector.centroids)
+    else:
+        target = probs.argmax(-1)
+        passed, _ = confidence_rule(probs, target, threshold if mode == "confidence" else 0.0)
+    target, passed = target.numpy(), passed.numpy()
+    picked = [np.flatnonzero((target == c) & passed)[:n] for c, n in enumerate(counts)]
+    idx = np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+    return Extra(tiles[idx], target[idx].astype(np.int64))
+
+
+def _probes(cfg: HistodiffConfig, splits: Any, store: Store) -> dict[str, float]:
+    """Return the cheap baselines' test accuracy: kNN and a linear probe on the autoencoder's latents."""
+    from diffusers import AutoencoderKL
+
+    from histodiff.checkpoint import load_exported
+    from histodiff.evaluate.baselines import autoencoder_features, probe_baselines
+
+    vae, _ = load_exported(AutoencoderKL, cfg.paths.autoencoder, store)
+    got = probe_baselines(splits, lambda tiles: autoencoder_features(vae, tiles), cfg.evaluation.knn_k,
+                          list(cfg.evaluation.seeds))
+    return {name: float(np.mean([m["accuracy"] for m in runs])) for name, runs in got.items()}
+
+
+def run_cell(data: Any, cfg: HistodiffConfig, judge: Any, unguided: np.ndarray) -> dict[str, Any]:
+    """Return one cell's outcomes (every arm x seed), its synthesis report and its guidance precision."""
+    from bench.validation import judged_precision
+    from histodiff.augment.selection import load_selector
+    from histodiff.data.splits import split_spec
+    from histodiff.runner import run_stage
+    from histodiff.stages import classifier, selector, synthesize
+
+    store = Store(cfg.storage)
+    clf = run_stage(classifier, cfg)
+    sel = run_stage(selector, cfg)
+    syn = run_stage(synthesize, cfg)
+    splits = load_splits(split_spec(cfg, store), store)
+    k = len(splits.classes)
+    augmented = load_synthetic(syn.accepted_uri, store, splits.classes, cfg.evaluation.synthetic_weighting)
+    generated = load_synthetic(syn.generated_uri, store, splits.classes)
+    syn_x, syn_y, gen_x, gen_y = augmented.x, augmented.y, generated.x, generated.y
+    counts = controls.class_counts(syn_y, k)
+    recipe = Recipe.from_config(cfg)
+    pool_x, pool_y = data.x[data.idx["pool"]], data.y[data.idx["pool"]]
+    selector_model, _ = load_selector(cfg.paths.selector, store)
+    mode, threshold = cfg.synthesis.selector.mode, cfg.synthesis.selector.threshold
+    arms = {
+        "augmented": augmented,
+        "unfiltered": controls.random_per_class(gen_x, gen_y, counts, cfg.seed),
+        "unguided_selected": select_unguided(selector_model, unguided, mode, threshold, counts),
+        "duplicated_real": controls.duplicated_real(splits, counts),
+        "classical_aug": controls.classical_aug(splits, counts, recipe.augment, cfg.seed),
+        "pseudo_label": controls.pseudo_label(pool_x, recipe, counts, k),
+        "oracle": controls.random_per_class(pool_x, pool_y, counts, cfg.seed),
+    }
+    outcomes, _ = evaluate_arms(splits, arms, recipe, list(cfg.evaluation.seeds),
+                                ray_runner(cfg.ray.cpus_per_worker, recipe.use_gpu))
+    report = store.read_json(f"{cfg.paths.synthetic}/report.json")
+    volumes = {name: int(len(arm)) for name, arm in arms.items() if not callable(arm)}
+    log.info("validation cell %s: accepted %d of quota %d, volumes %s", cfg.name, int(counts.sum()),
+             cfg.synthesis.accepted_per_class * k, volumes)
+    return {
+        "outcomes": [dataclasses.asdict(o) for o in outcomes],
+        "synthesis": report, "volumes": volumes, "accepted_total": int(counts.sum()),
+        "nothing_accepted": bool(counts.sum() == 0),
+        "precision_guided": judged_precision(judge, gen_x, gen_y),
+        "precision_guided_accepted": judged_precision(judge, syn_x, syn_y),
+        "selector_val_bacc": sel.val_balanced_accuracy, "classifier_val_accuracy": clf.val_accuracy,
+        "probes": _probes(cfg, splits, store),
+    }

@@ -1,0 +1,90 @@
+"""The validation's figures: per budget and arm, accuracy and the gain over the baseline with an interval over draws.
+
+A gain is computed per (draw, seed) as arm minus baseline (paired: the same seed, the same real
+tiles), averaged over the seeds of a draw, and the 95% t-interval is taken over draws
+(:func:`histodiff.evaluate.metrics.draw_gain`): the label draw, with its latent classifier,
+selector and synthesis, is the variance that matters at a few labels per class. The headline
+budget (5% of the pool) is the primary test; the others are corrected for multiple comparisons
+with Holm's method (``augmented_p_holm``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from histodiff.evaluate.metrics import draw_gain, holm, t_test_p
+
+ARMS = ("augmented", "unfiltered", "unguided_selected", "duplicated_real", "classical_aug", "pseudo_label", "oracle")
+
+
+def _acc(outcomes: list[dict], arm: str) -> dict[int, float]:
+    return {o["seed"]: 100.0 * o["test"]["accuracy"] for o in outcomes if o["arm"] == arm}
+
+
+def budget_figures(cells: list[dict]) -> dict[str, Any]:
+    """Return one budget's figures from its cells (one per label draw)."""
+    out: dict[str, Any] = {"label_draws": len(cells), "seeds": len(_acc(cells[0]["outcomes"], "baseline"))}
+    base = [_acc(c["outcomes"], "baseline") for c in cells]
+    out["baseline_acc"] = float(np.mean([v for b in base for v in b.values()]))
+    for arm in ARMS:
+        accs = [_acc(c["outcomes"], arm) for c in cells]
+        per_draw = [[a[s] - b[s] for s in sorted(a) if s in b] for a, b in zip(accs, base)]
+        if any(not d for d in per_draw):
+            continue
+        gain = draw_gain(per_draw)
+        out[arm] = {"acc": float(np.mean([v for a in accs for v in a.values()])), "gain_points": gain.mean,
+                    "gain_ci_low": gain.ci_low, "gain_ci_high": gain.ci_high,
+                    "gain_per_draw": [float(np.mean(d)) for d in per_draw], "p_value": t_test_p(gain.per_seed)}
+    reports = [c["synthesis"] for c in cells]
+    out["selectivity"] = float(np.mean([r["selectivity"] for rep in reports for r in rep.values()]))
+    out["accepted_per_class"] = float(np.mean([r["accepted"] for rep in reports for r in rep.values()]))
+    out["quota_fill"] = float(np.mean([r["quota_fill"] for rep in reports for r in rep.values()]))
+    out["draws_nothing_accepted"] = [c["draw"] for c in cells if c["nothing_accepted"]]
+    out["volumes"] = [c["volumes"] for c in cells]
+    out["guidance_precision_guided"] = float(np.nanmean([c["precision_guided"] for c in cells]))
+    out["guidance_precision_accepted"] = float(np.nanmean([c["precision_guided_accepted"] for c in cells]))
+    out["selector_val_bacc"] = float(np.mean([c["selector_val_bacc"] for c in cells]))
+    out["probes"] = {k: float(np.mean([c["probes"][k] for c in cells])) * 100.0 for k in cells[0]["probes"]}
+    return out
+
+
+def figures(cells: list[dict], protocol: Any, precision_unguided: float, wall_s: float,
+            generator: dict | None = None) -> dict[str, Any]:
+    """Return the benchmark keys of issue 14 from every cell of one run."""
+    curve = {str(b): budget_figures([c for c in cells if c["budget"] == b]) for b in protocol.budgets}
+    budgets = list(curve)
+    adjusted = holm([curve[b].get("augmented", {}).get("p_value", math.nan) for b in budgets])
+    for b, p in zip(budgets, adjusted):
+        if "augmented" in curve[b]:
+            curve[b]["augmented"]["p_holm"] = p
+        curve[b]["guidance_precision_unguided"] = precision_unguided
+    head = curve[str(protocol.headline)] if str(protocol.headline) in curve else curve[budgets[-1]]
+    aug = head.get("augmented", {})
+    return {
+        "validate_headline_budget": protocol.headline,
+        "validate_gain_points": aug.get("gain_points", math.nan),
+        "validate_gain_ci_low": aug.get("gain_ci_low", math.nan),
+        "validate_gain_ci_high": aug.get("gain_ci_high", math.nan),
+        "validate_curve": curve,
+        "guidance_precision_guided": head["guidance_precision_guided"],
+        "guidance_precision_unguided": precision_unguided,
+        "validate_wall_s": wall_s,
+        "validate_generator": generator or {},
+    }
+
+
+def table_markdown(curve: dict[str, dict]) -> str:
+    """Return the curve as a markdown table: accuracy and gain [95% CI over draws] per arm and budget."""
+    head = "| labels/class | baseline | " + " | ".join(ARMS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(ARMS))]
+    for b, f in curve.items():
+        cells = []
+        for arm in ARMS:
+            a = f.get(arm)
+            cells.append("n/a" if a is None else
+                         f"{a['acc']:.1f} ({a['gain_points']:+.1f} [{a['gain_ci_low']:+.1f}, {a['gain_ci_high']:+.1f}])")
+        lines.append(f"| {b} | {f['baseline_acc']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
