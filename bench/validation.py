@@ -41,7 +41,7 @@ from histodiff.storage import Store, join
 log = logging.getLogger(__name__)
 
 CLASSES = [str(d) for d in range(10)]
-VERSION = 2  # bump when a cell's computation changes: cached cells of another version are redone
+VERSION = 3  # bump when a cell's computation changes: cached cells of another version are redone
 
 
 @dataclass(frozen=True)

@@ -48,16 +48,39 @@ def select_unguided(selector: Any, tiles: np.ndarray, mode: str, threshold: floa
 
 
 def _probes(cfg: HistodiffConfig, splits: Any, store: Store) -> dict[str, float]:
-    """Return the cheap baselines' test accuracy: kNN and a linear probe on the autoencoder's latents."""
-    from diffusers import AutoencoderKL
+    """Return the cheap baselines' test accuracy: kNN and a linear probe on the autoencoder's latents and on the
+    pretrained denoiser's features (if a probe alone beats the method, the table says so)."""
+    from diffusers import AutoencoderKL, UNet2DModel
 
+    from histodiff.augment.pool_labels import denoiser_features
     from histodiff.checkpoint import load_exported
     from histodiff.evaluate.baselines import autoencoder_features, probe_baselines
 
     vae, _ = load_exported(AutoencoderKL, cfg.paths.autoencoder, store)
-    got = probe_baselines(splits, lambda tiles: autoencoder_features(vae, tiles), cfg.evaluation.knn_k,
-                          list(cfg.evaluation.seeds))
+    unet, meta = load_exported(UNet2DModel, cfg.paths.denoiser, store)
+
+    def denoiser(tiles: np.ndarray) -> Any:
+        z = autoencoder_features(vae, tiles).view(len(tiles), *meta["latent_shape"]) * float(meta["scale_factor"])
+        return denoiser_features(unet, z, cfg.pseudo_labels.timestep, cfg.seed)
+
+    seeds = list(cfg.evaluation.seeds)
+    got = {**probe_baselines(splits, lambda tiles: autoencoder_features(vae, tiles), cfg.evaluation.knn_k, seeds),
+           **{f"denoiser_{k.split('_', 1)[1]}": v
+              for k, v in probe_baselines(splits, denoiser, cfg.evaluation.knn_k, seeds).items()}}
     return {name: float(np.mean([m["accuracy"] for m in runs])) for name, runs in got.items()}
+
+
+def _pseudo_label_precision(cfg: HistodiffConfig, data: Any, store: Store) -> float:
+    """Return the fraction of the pool's pseudo-labels that are right (the validation knows the pool's labels)."""
+    from histodiff.stages.pseudolabel import TABLE
+
+    if cfg.pseudo_labels.per_class == 0:
+        return float("nan")
+    table = store.read_parquet(f"{cfg.paths.pseudo_labels}/{TABLE}")
+    truth = {shards.pixel_sha1(t): str(y) for t, y in zip(data.x[data.idx["pool"]], data.y[data.idx["pool"]])}
+    labels = table.column("label").to_pylist()
+    return float(np.mean([truth[s] == lab for s, lab in zip(table.column("sha1").to_pylist(), labels)])) \
+        if labels else float("nan")
 
 
 def run_cell(data: Any, cfg: HistodiffConfig, judge: Any, unguided: np.ndarray) -> dict[str, Any]:
@@ -66,9 +89,10 @@ def run_cell(data: Any, cfg: HistodiffConfig, judge: Any, unguided: np.ndarray) 
     from histodiff.augment.selection import load_selector
     from histodiff.data.splits import split_spec
     from histodiff.runner import run_stage
-    from histodiff.stages import classifier, selector, synthesize
+    from histodiff.stages import classifier, pseudolabel, selector, synthesize
 
     store = Store(cfg.storage)
+    run_stage(pseudolabel, cfg)
     clf = run_stage(classifier, cfg)
     sel = run_stage(selector, cfg)
     syn = run_stage(synthesize, cfg)
@@ -105,4 +129,5 @@ def run_cell(data: Any, cfg: HistodiffConfig, judge: Any, unguided: np.ndarray) 
         "precision_guided_accepted": judged_precision(judge, syn_x, syn_y),
         "selector_val_bacc": sel.val_balanced_accuracy, "classifier_val_accuracy": clf.val_accuracy,
         "probes": _probes(cfg, splits, store),
+        "pseudo_label_precision": _pseudo_label_precision(cfg, data, store),
     }

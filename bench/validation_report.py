@@ -48,6 +48,8 @@ def budget_figures(cells: list[dict]) -> dict[str, Any]:
     out["guidance_precision_accepted"] = float(np.nanmean([c["precision_guided_accepted"] for c in cells]))
     out["selector_val_bacc"] = float(np.mean([c["selector_val_bacc"] for c in cells]))
     out["probes"] = {k: float(np.mean([c["probes"][k] for c in cells])) * 100.0 for k in cells[0]["probes"]}
+    out["pseudo_label_precision"] = float(np.nanmean([c.get("pseudo_label_precision", math.nan) for c in cells])) \
+        if any(c.get("pseudo_label_precision") == c.get("pseudo_label_precision") for c in cells) else math.nan
     return out
 
 

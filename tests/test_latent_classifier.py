@@ -79,3 +79,22 @@ def test_classifier_stage_trains_exports_and_skips(ray_local, tmp_path):
     assert model.config.num_classes == 3
     again = run_stage(classifier, cfg)
     assert again.skipped and again.sha256 == result.sha256
+
+
+def test_weighted_classifier_step_ignores_zero_weight_rows():
+    """A pseudo-label's confidence weights its row: a weight of 0 contributes nothing to the step."""
+    import copy
+
+    from histodiff.train.latent_classifier import classifier_step
+
+    sched = ddpm_scheduler(toy.toy_schedule())
+    z, y = toy.toy_latents(4, seed=3)
+    t, noise = torch.tensor([10, 20, 30, 40]), torch.randn(4, *toy.TOY_SHAPE, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    a = toy.toy_classifier()
+    b = copy.deepcopy(a)
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    classifier_step(a, opt_a, sched, z, y, t, noise, weights=torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    classifier_step(b, opt_b, sched, z[:2], y[:2], t[:2], noise[:2])
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)

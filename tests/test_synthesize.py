@@ -145,7 +145,7 @@ def test_anchored_synthesis_varies_its_anchors(toy_cfg):
     item = synthesize.work_item(plan, "B", 0)
     assert item["anchors"][0] == plan.anchors.sha1s["B"][0] and len(set(item["anchors"])) > 1
     out = synthesize.SynthesisWorker(plan, Store(), use_gpu=False).generate(item)
-    z, _, sha1s, meta = load_latents(plan.anchors.latents_uri, Store())
+    z, _, sha1s, meta = load_latents(plan.anchors.latents_uris[0], Store())
     vae, _ = load_exported(AutoencoderKL, near.paths.autoencoder, Store())
     anchor_z = torch.stack([z[sha1s.index(a)] for a in item["anchors"]])
     with torch.no_grad():

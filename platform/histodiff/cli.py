@@ -18,7 +18,8 @@ from histodiff.config import ConfigError, HistodiffConfig, load_config
 from histodiff.runtime import setup_logging
 
 # Stage names without importing the stages (torch, Ray): the parser must answer in well under a second.
-STAGE_NAMES = ("ingest", "autoencoder", "encode", "pretrain", "classifier", "selector", "synthesize", "evaluate")
+STAGE_NAMES = ("ingest", "autoencoder", "encode", "pretrain", "pseudolabel", "classifier", "selector", "synthesize",
+               "evaluate")
 
 log = logging.getLogger(__name__)
 

@@ -55,6 +55,7 @@ class PathsConfig(_Strict):
     labeled_latents: str | None = None
     denoiser: str | None = None
     classifier: str | None = None
+    pseudo_labels: str | None = None
     selector: str | None = None
     synthetic: str | None = None
     evaluation: str | None = None
@@ -73,6 +74,7 @@ class PathsConfig(_Strict):
             "labeled_latents": "latents/labeled",
             "denoiser": "models/denoiser",
             "classifier": "models/latent_classifier",
+            "pseudo_labels": "pseudo_labels",
             "selector": "models/selector",
             "synthetic": "synthetic",
             "evaluation": "evaluation",
@@ -262,6 +264,20 @@ class LatentClassifierConfig(_Strict):
     checkpoint_every: int = Field(200, ge=1)
 
 
+class PseudoLabelConfig(_Strict):
+    """Labels from the pool: kNN propagation in the pretrained denoiser's feature space (DDAE, DPT)."""
+
+    per_class: int = Field(0, ge=0, description="pool tiles pseudo-labeled per class, the most confident first "
+                                                "(0: off)")
+    timestep: int = Field(50, ge=0, description="the denoiser reads noised latents at this timestep")
+    k: int = Field(10, ge=1, description="labeled neighbours that vote for a pool tile's label")
+    temperature: float = Field(0.05, gt=0, description="vote weight exp(cosine similarity / temperature)")
+    use_in: list[Literal["classifier", "selector", "anchors"]] = Field(
+        default_factory=lambda: ["classifier", "selector", "anchors"],
+        description="which parts learn from the pseudo-labels: the latent classifier, the selector, the anchors "
+                    "of anchored synthesis")
+
+
 class SelectorConfig(_Strict):
     """Auxiliary pixel-space classifier (timm) that judges each synthetic tile."""
 
@@ -359,6 +375,7 @@ class HistodiffConfig(_Strict):
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
     classifier: LatentClassifierConfig = Field(default_factory=LatentClassifierConfig)
+    pseudo_labels: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)

@@ -96,6 +96,15 @@ def _result_from(stage: ModuleType, data: dict[str, Any]) -> Any:
     return cls.from_dict(data) if hasattr(cls, "from_dict") else cls(**data)
 
 
+def upstream_fingerprint(output_uri: str, store: Store, stage: str) -> str:
+    """Return the fingerprint a finished stage wrote at ``output_uri``, or raise naming the stage to run."""
+    uri = join(output_uri, MARKER)
+    if not store.exists(uri):
+        raise FileNotFoundError(f"{output_uri!r} holds no finished {stage} output (no {MARKER}); run "
+                                f"`histodiff run {stage}` first")
+    return store.read_json(uri)["fingerprint"]
+
+
 def finished(stage: ModuleType, spec: Spec, store: Store) -> Any | None:
     """Return the stored result when the stage finished with this exact spec, else None."""
     uri = join(spec.output_uri, MARKER)

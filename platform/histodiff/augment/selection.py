@@ -116,13 +116,18 @@ class Selector:
 
 def train_selector(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                    classes: list[str], *, backbone: str, epochs: int, lr: float, weight_decay: float,
-                   batch_size: int, augment: str, seed: int, device: torch.device | str = "cpu"
-                   ) -> tuple[Selector, float]:
-    """Return (selector trained on the labeled train split, validation-selected; its val balanced accuracy)."""
+                   batch_size: int, augment: str, seed: int, device: torch.device | str = "cpu",
+                   extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[Selector, float]:
+    """Return (selector trained on the labeled train split, validation-selected; its val balanced accuracy).
+
+    ``extra`` = (tiles, label ids, weights) joins training as half of every batch (pseudo-labeled pool tiles).
+    """
     image_size = int(train_x.shape[-1])
+    more = {} if extra is None or not len(extra[0]) else {
+        "extra_x": extra[0], "extra_y": extra[1], "extra_weight": extra[2], "extra_fraction": 0.5}
     fit = fit_classifier(train_x, train_y, val_x, val_y, backbone=backbone, num_classes=len(classes),
                          image_size=image_size, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                         batch_size=batch_size, seed=seed, device=device, augment=augment)
+                         batch_size=batch_size, seed=seed, device=device, augment=augment, **more)
     log.info("selector %s: best val balanced accuracy %.3f at epoch %d", backbone, fit.best_val_balanced_accuracy,
              fit.best_epoch)
     selector = Selector(fit.model, list(classes), image_size, backbone, torch.zeros(0))

@@ -67,11 +67,11 @@ class SelectionSpec(BaseModel):
 
 
 class AnchorSpec(BaseModel):
-    """Where anchored synthesis takes its anchors: a latents directory and, per class, the tiles (by sha1)."""
+    """Where anchored synthesis takes its anchors: latents directories and, per class, the tiles (by sha1)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    latents_uri: str
+    latents_uris: list[str]
     scale_factor: float
     sha1s: dict[str, list[str]]
 
@@ -137,14 +137,15 @@ class SynthesisWorker:
         if plan.anchors is not None and plan.sampling.strength < 1.0:
             from histodiff.data.encode import load_latents
 
-            z, _, sha1s, _ = load_latents(plan.anchors.latents_uri, store)
-            row = {s: i for i, s in enumerate(sha1s)}
-            wanted = sorted({s for ss in plan.anchors.sha1s.values() for s in ss})
-            missing = [s for s in wanted if s not in row]
+            wanted = {s for ss in plan.anchors.sha1s.values() for s in ss}
+            for uri in plan.anchors.latents_uris:
+                z, _, sha1s, _ = load_latents(uri, store)
+                self.anchor_latents.update({s: z[i] * plan.anchors.scale_factor for i, s in enumerate(sha1s)
+                                            if s in wanted})
+            missing = wanted - set(self.anchor_latents)
             if missing:
-                raise ValueError(f"{len(missing)} anchor tiles have no latent in {plan.anchors.latents_uri!r}; "
+                raise ValueError(f"{len(missing)} anchor tiles have no latent in {plan.anchors.latents_uris}; "
                                  "rerun `histodiff run encode`")
-            self.anchor_latents = {s: z[row[s]] * plan.anchors.scale_factor for s in wanted}
 
     def generate(self, item: dict) -> dict:
         """Return {class, batch, indices, seeds, tiles (uint8 NHWC), score, passed} for one work item."""

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from histodiff.stages import autoencoder, classifier, encode, evaluate, ingest, pretrain, selector, synthesize
+from histodiff.stages import (autoencoder, classifier, encode, evaluate, ingest, pretrain, pseudolabel, selector,
+                              synthesize)
 
-STAGES: tuple[ModuleType, ...] = (ingest, autoencoder, encode, pretrain, classifier, selector, synthesize, evaluate)
+STAGES: tuple[ModuleType, ...] = (ingest, autoencoder, encode, pretrain, pseudolabel, classifier, selector, synthesize,
+                                  evaluate)
 NAMES: tuple[str, ...] = tuple(s.__name__.rsplit(".", 1)[-1] for s in STAGES)
 
 

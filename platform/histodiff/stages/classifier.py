@@ -18,6 +18,7 @@ from histodiff.config import HistodiffConfig, LatentClassifierConfig, ScheduleCo
 from histodiff.data.encode import LatentsRef, latents_ref
 from histodiff.data.shards import pixel_sha1
 from histodiff.data.splits import SplitSpec, labeled_splits, split_spec
+from histodiff.stages.pseudolabel import PseudoLabelsRef, load_pseudo_labels, pseudo_labels_ref
 from histodiff.diffusion.schedule import ddpm_scheduler
 from histodiff.plots import line_figure
 from histodiff.runner import Context, Spec as StageSpec, StageResult
@@ -41,6 +42,8 @@ class Spec(StageSpec):
     num_workers: int
     split: SplitSpec
     latents: LatentsRef
+    pool: LatentsRef | None = None
+    pseudo_labels: PseudoLabelsRef | None = None
 
 
 @dataclass
@@ -60,10 +63,13 @@ class Result(StageResult):
 
 
 def spec(cfg: HistodiffConfig, store: Store) -> Spec:
-    """Return the classifier spec: the split of the labeled shards and the labeled latents' identity."""
+    """Return the classifier spec: the split of the labeled shards, the labeled latents' identity (and the
+    pool's pseudo-labels when ``pseudo_labels.use_in`` names the classifier)."""
+    pseudo = pseudo_labels_ref(cfg, store, "classifier")
     return Spec(output_uri=cfg.paths.classifier, classifier=cfg.classifier, schedule=cfg.denoiser.schedule,
                 seed=cfg.seed, num_workers=cfg.ray.num_workers, split=split_spec(cfg, store),
-                latents=latents_ref(join(cfg.paths.labeled_latents, "train"), store))
+                latents=latents_ref(join(cfg.paths.labeled_latents, "train"), store),
+                pool=latents_ref(cfg.paths.latents, store) if pseudo else None, pseudo_labels=pseudo)
 
 
 def run_name(spec: Spec, name: str) -> str:
@@ -82,7 +88,8 @@ def work(spec: Spec, ctx: Context) -> Result:
     train_sha1, val_sha1 = [pixel_sha1(t) for t in train_x], [pixel_sha1(t) for t in val_x]
     ccfg, run = spec.classifier, run_name(spec, ctx.name)
     ctx.tracker.log_params({"classes": ",".join(classes), "train_latents": len(train_sha1)})
-    loop_config = {"spec": spec, "store": ctx.store, "train_sha1": train_sha1, "classes": classes}
+    loop_config = {"spec": spec, "store": ctx.store, "train_sha1": train_sha1, "classes": classes,
+                   "pseudo": load_pseudo_labels(spec.pseudo_labels, ctx.store, classes)}
     common.build_trainer(ctx, train_loop, loop_config, run).fit()
     tensors, _ = common.final_checkpoint(ctx.checkpoints_uri, run, ctx.store, ccfg.steps, "classifier")
     model = build_classifier(ccfg, spec.latents.shape[0], len(classes))

@@ -110,10 +110,18 @@ def anchor_spec(cfg: HistodiffConfig, store: Store) -> AnchorSpec:
     from histodiff.data.encode import latents_ref
     from histodiff.data.splits import labeled_splits, split_spec
 
+    from histodiff.stages.pseudolabel import load_pseudo_labels, pseudo_labels_ref
+
     tiles, ids, classes = labeled_splits(split_spec(cfg, store), store)["train"]
     latents = latents_ref(join(cfg.paths.labeled_latents, "train"), store)
     sha1s = {c: [shards.pixel_sha1(t) for t, i in zip(tiles, ids) if i == k] for k, c in enumerate(classes)}
-    return AnchorSpec(latents_uri=latents.uri, scale_factor=latents.scale_factor, sha1s=sha1s)
+    uris = [latents.uri]
+    pseudo = load_pseudo_labels(pseudo_labels_ref(cfg, store, "anchors"), store, list(classes))
+    if pseudo:  # the labeled tiles first, then the pool's most confident pseudo-labeled ones
+        uris.append(cfg.paths.latents)
+        for sha1, label in zip(pseudo["sha1"], pseudo["label_ids"]):
+            sha1s[classes[label]].append(sha1)
+    return AnchorSpec(latents_uris=uris, scale_factor=latents.scale_factor, sha1s=sha1s)
 
 
 def _write_outputs(spec: Spec, store: Store, lineage: pa.Table, per_class: dict, report: dict) -> str:

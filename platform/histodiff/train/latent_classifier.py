@@ -42,15 +42,20 @@ def sample_timesteps(n: int, mode: str, num_train_timesteps: int, max_timestep: 
 
 
 def classifier_step(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, z0: torch.Tensor, y: torch.Tensor,
-                    t: torch.Tensor, noise: torch.Tensor, autocast: Any = None) -> float:
-    """Run one optimisation step on latents noised to z_t = sqrt(ab) z0 + sqrt(1 - ab) eps; return the loss."""
+                    t: torch.Tensor, noise: torch.Tensor, autocast: Any = None,
+                    weights: torch.Tensor | None = None) -> float:
+    """Run one optimisation step on latents noised to z_t = sqrt(ab) z0 + sqrt(1 - ab) eps; return the loss.
+
+    ``weights`` (per row) weight the cross-entropy, e.g. a pseudo-label's confidence.
+    """
     z_t = scheduler.add_noise(z0, noise, t) if bool((t > 0).any()) else z0
     if autocast is not None:
         with autocast:
             logits = model(z_t, t)
     else:
         logits = model(z_t, t)
-    loss = F.cross_entropy(logits.float(), y)
+    per_row = F.cross_entropy(logits.float(), y, reduction="none")
+    loss = per_row.mean() if weights is None else (per_row * weights).sum() / weights.sum().clamp_min(1e-8)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -62,8 +67,9 @@ class ClassifierTrainee:
 
     def __init__(self, model: Any, optimizer: torch.optim.Optimizer, latents: torch.Tensor, labels: torch.Tensor,
                  scheduler: Any, *, mode: str, max_timestep: int | None, batch_size: int, seed: int,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, weights: torch.Tensor | None = None) -> None:
         self.model, self.optimizer, self.latents, self.labels = model, optimizer, latents, labels
+        self.weights = weights
         self.scheduler, self.mode, self.max_timestep = scheduler, mode, max_timestep
         self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
         self.step = 0
@@ -76,8 +82,10 @@ class ClassifierTrainee:
         t = sample_timesteps(n, self.mode, T, self.max_timestep, gen)
         noise = torch.randn((n, *self.latents.shape[1:]), generator=gen)
         self.model.train()
+        weights = None if self.weights is None else self.weights[idx].to(self.device)
         loss = classifier_step(self.model, self.optimizer, self.scheduler, self.latents[idx].to(self.device),
-                               self.labels[idx].to(self.device), t.to(self.device), noise.to(self.device))
+                               self.labels[idx].to(self.device), t.to(self.device), noise.to(self.device),
+                               weights=weights)
         self.step += 1
         return {"loss": loss}
 
@@ -145,19 +153,39 @@ def train_loop(config: dict) -> None:
     info = common.worker_info()
     device = device_for(config["use_gpu"])
     latents, labels = select_latents(spec.latents.uri, config["store"], config["train_sha1"], config["classes"])
+    weights = None
+    if config.get("pseudo"):  # labeled latents, then the pool's pseudo-labeled ones weighted by their confidence
+        pseudo = config["pseudo"]
+        pool_z = select_pool_latents(spec.pool.uri, config["store"], pseudo["sha1"])
+        latents = torch.cat([latents, pool_z])
+        labels = torch.cat([labels, torch.tensor(pseudo["label_ids"], dtype=torch.long)])
+        weights = torch.cat([torch.ones(len(config["train_sha1"])), torch.tensor(pseudo["confidence"]).float()])
     model = build_classifier(ccfg, latents.shape[1], len(config["classes"])).to(device)
     model = ray.train.torch.prepare_model(model) if info.in_ray else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=ccfg.lr, weight_decay=ccfg.weight_decay)
     # Each rank draws its own batches (seed + rank); DDP averages their gradients.
     trainee = ClassifierTrainee(model, optimizer, latents * spec.latents.scale_factor, labels,
                                 ddpm_scheduler(spec.schedule), mode=ccfg.mode, max_timestep=ccfg.max_timestep,
-                                batch_size=ccfg.batch_size, seed=spec.seed * 1000 + info.rank, device=device)
+                                batch_size=ccfg.batch_size, seed=spec.seed * 1000 + info.rank, device=device,
+                                weights=weights)
     loop.train(trainee, loop.Cadence(ccfg.steps, ccfg.report_every, ccfg.checkpoint_every), config, device=device,
                callbacks=config.get("callbacks", ()))
 
 
 def _unwrap(model: Any) -> Any:
     return model.module if hasattr(model, "module") else model
+
+
+def select_pool_latents(uri: str, store: Store, sha1s: list[str]) -> torch.Tensor:
+    """Return the (unscaled) latents of the tiles ``sha1s`` from a latents directory, in that order."""
+    from histodiff.data.encode import load_latents
+
+    z, _, latent_sha1, _ = load_latents(uri, store)
+    row = {s: i for i, s in enumerate(latent_sha1)}
+    missing = [s for s in sha1s if s not in row]
+    if missing:
+        raise ValueError(f"{len(missing)} tiles have no latent in {uri!r}; rerun `histodiff run encode`")
+    return z[torch.tensor([row[s] for s in sha1s], dtype=torch.long)]
 
 
 def select_latents(uri: str, store: Store, sha1s: list[str], classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
