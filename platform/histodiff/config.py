@@ -305,6 +305,9 @@ class SynthesisConfig(_Strict):
         "1: generate from pure noise (the paper). Below 1: anchored synthesis (SDEdit): each tile starts from a "
         "labeled tile of its class noised this far up the schedule, several variants per anchor"))
     num_actors: int = Field(1, ge=1)
+    colour_drift_bound: float = Field(
+        0.5, gt=0, description="flag a class whose accepted tiles' HED or LAB colour distribution drifts from the "
+                               "real tiles' by more than this (a Wasserstein distance in real standard deviations)")
     keep_rejected: bool = Field(True, description="also write every generated tile (generated/): the unfiltered "
                                                   "control draws from it, and a user can audit the selector")
     selector: SelectorConfig = Field(default_factory=SelectorConfig)

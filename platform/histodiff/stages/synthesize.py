@@ -22,6 +22,7 @@ from histodiff.augment.synthesize import (MODEL_KINDS, AnchorSpec, ModelRef, Sam
 from histodiff.checkpoint import model_meta
 from histodiff.config import HistodiffConfig
 from histodiff.data import shards
+from histodiff.data.splits import SplitSpec, split_spec
 from histodiff.plots import acceptance_figure, tile_grid
 from histodiff.runner import Context, Spec as StageSpec, StageResult
 from histodiff.storage import Store, join
@@ -43,6 +44,8 @@ class Spec(StageSpec):
     num_actors: int
     tiles_per_shard: int
     keep_rejected: bool
+    split: SplitSpec
+    colour_drift_bound: float
 
 
 @dataclass
@@ -86,7 +89,8 @@ def spec(cfg: HistodiffConfig, store: Store) -> Spec:
                                 max_per_class=synthesis.selector.max_per_class),
         anchors=anchor_spec(cfg, store) if synthesis.strength < 1.0 else None)
     return Spec(output_uri=paths.synthetic, plan=plan, num_actors=synthesis.num_actors,
-                tiles_per_shard=cfg.data.tiles_per_shard, keep_rejected=synthesis.keep_rejected)
+                tiles_per_shard=cfg.data.tiles_per_shard, keep_rejected=synthesis.keep_rejected,
+                split=split_spec(cfg, store), colour_drift_bound=synthesis.colour_drift_bound)
 
 
 def write_tile_set(out: str, store: Store, tiles: list[np.ndarray], labels: list[str], sources: list[str],
@@ -108,7 +112,7 @@ def write_tile_set(out: str, store: Store, tiles: list[np.ndarray], labels: list
 def anchor_spec(cfg: HistodiffConfig, store: Store) -> AnchorSpec:
     """Return the anchors of anchored synthesis: the labeled train split's tiles per class, by sha1, and their latents."""
     from histodiff.data.encode import latents_ref
-    from histodiff.data.splits import labeled_splits, split_spec
+    from histodiff.data.splits import labeled_splits
 
     from histodiff.stages.pseudolabel import load_pseudo_labels, pseudo_labels_ref
 
@@ -142,6 +146,27 @@ def _write_outputs(spec: Spec, store: Store, lineage: pa.Table, per_class: dict,
     return out
 
 
+def colour_fidelity(spec: Spec, store: Store, per_class: dict, report: dict, ctx: Context) -> None:
+    """Add each class's colour drift (HED, LAB) to the report; flag and plot the classes past the bound."""
+    from histodiff.data.splits import labeled_splits
+    from histodiff.evaluate.colour import colour_figure, colour_report
+
+    tiles, ids, classes = labeled_splits(spec.split, store)["train"]
+    real = {c: tiles[ids == k] for k, c in enumerate(classes)}
+    fake = {c: d["tiles"][d["accepted"]] for c, d in per_class.items() if d["accepted"].any()}
+    colours = colour_report(real, fake, spec.colour_drift_bound)
+    for c, r in colours.items():
+        report[c]["colour"] = r
+    ctx.tracker.log_metrics({f"colour_drift_{space}/{c}": r[space] for c, r in colours.items()
+                             for space in ("hed", "lab") if r[space] == r[space]})
+    if fake:
+        ctx.tracker.log_figure(colour_figure(real, fake, colours), "acceptance/colour_fidelity.png")
+    drifted = {c: f"HED {r['hed']:.2f}, LAB {r['lab']:.2f}" for c, r in colours.items() if r["drifted"]}
+    if drifted:
+        log.warning("synthetic colours drift past synthesis.colour_drift_bound=%s for %s: see "
+                    "acceptance/colour_fidelity.png in MLflow", spec.colour_drift_bound, drifted)
+
+
 def _log_report(ctx: Context, report: dict, per_class: dict, threshold: float) -> None:
     ctx.tracker.log_figure(acceptance_figure(report, threshold), "acceptance/score_histograms.png")
     ctx.tracker.log_dict(report, "acceptance/report.json")
@@ -167,6 +192,7 @@ def work(spec: Spec, ctx: Context) -> Result:
             ray.kill(w)
     prefix = hashlib.sha256(spec.plan.model_dump_json().encode()).hexdigest()[:8]  # tile ids unique per plan
     lineage, per_class, report = lineage_and_accepted(spec.plan, kept, prefix)
+    colour_fidelity(spec, ctx.store, per_class, report, ctx)
     accepted_uri = _write_outputs(spec, ctx.store, lineage, per_class, report)
     seconds = time.perf_counter() - t0
     ctx.tracker.log_metrics({"accepted_tiles_per_s": sum(r["accepted"] for r in report.values()) / seconds})
