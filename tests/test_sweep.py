@@ -220,3 +220,12 @@ def test_sweep_command_exits_non_zero_when_every_synthetic_trial_failed(ray_loca
     assert code == 1
     assert "no recommendation: 2 of 3 trials failed" in out and "recommended" not in out
     assert "2 x RuntimeError" in out and "synthesis broke" in out
+
+
+def test_the_space_can_include_anchored_synthesis_strength(tmp_path):
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "sweep.guidance_scales=[1]", "sweep.thresholds=[0.5]",
+                               "sweep.strengths=[0.5,1.0]"])
+    points = sweep.search_points(cfg.sweep, cfg.evaluation.synthetic_fraction, cfg.synthesis.strength)
+    keys = [sweep.point_key(p) for p in points]
+    assert keys == ["s1_t0.5_f0.5_a0.5", "s1_t0.5_f0.5", "no-synthetic"]
+    assert sweep.trial_config(cfg, points[0]).synthesis.strength == 0.5

@@ -358,6 +358,8 @@ class SweepConfig(_Strict):
     guidance_scales: list[float] = Field(default_factory=lambda: [1.0, 10.0])
     thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.9])
     synthetic_fractions: list[float] | None = None
+    strengths: list[float] | None = Field(None, description="anchored-synthesis strengths to try (None: "
+                                                            "synthesis.strength)")
     search: Literal["grid", "random"] = "grid"
     num_samples: int = Field(1, ge=1)
     asha: bool = False

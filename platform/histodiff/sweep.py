@@ -26,7 +26,7 @@ from histodiff.sweep_report import recommend, write_report
 log = logging.getLogger(__name__)
 
 TrialFn = Callable[[HistodiffConfig, "str | None"], dict[str, float]]
-NO_SYNTHETIC = {"guidance_scale": None, "threshold": None, "synthetic_fraction": 0.0}
+NO_SYNTHETIC = {"guidance_scale": None, "threshold": None, "synthetic_fraction": 0.0, "strength": None}
 # The trial's own process mostly waits on the Ray actors and tasks it starts.
 TRIAL_DRIVER_CPU = 0.5
 
@@ -70,19 +70,21 @@ def load_space(cfg: HistodiffConfig, path: str) -> HistodiffConfig:
     return cfg.model_copy(update={"sweep": sweep})
 
 
-def search_points(sweep: SweepConfig, default_fraction: float) -> list[dict[str, Any]]:
-    """Return the grid: every scale x threshold (x ratio) point, then "no synthetic tiles"."""
+def search_points(sweep: SweepConfig, default_fraction: float, default_strength: float = 1.0) -> list[dict[str, Any]]:
+    """Return the grid: every scale x threshold x fraction x strength point, then "no synthetic tiles"."""
     fractions = [f for f in (sweep.synthetic_fractions or [default_fraction]) if f > 0]
-    points = [{"guidance_scale": s, "threshold": t, "synthetic_fraction": f}
-              for s, t, f in itertools.product(sweep.guidance_scales, sweep.thresholds, fractions)]
+    strengths = sweep.strengths or [default_strength]
+    points = [{"guidance_scale": s, "threshold": t, "synthetic_fraction": f, "strength": st}
+              for s, t, f, st in itertools.product(sweep.guidance_scales, sweep.thresholds, fractions, strengths)]
     return points + [dict(NO_SYNTHETIC)]
 
 
 def point_key(point: dict[str, Any]) -> str:
-    """Return a short, path-safe name for a search point."""
+    """Return a short, path-safe name for a search point (``_a<strength>`` only for anchored synthesis)."""
     if not point.get("synthetic_fraction"):
         return "no-synthetic"
-    return f"s{point['guidance_scale']:g}_t{point['threshold']:g}_f{point['synthetic_fraction']:g}"
+    anchored = f"_a{point['strength']:g}" if point.get("strength", 1.0) < 1.0 else ""
+    return f"s{point['guidance_scale']:g}_t{point['threshold']:g}_f{point['synthetic_fraction']:g}{anchored}"
 
 
 def trial_config(cfg: HistodiffConfig, point: dict[str, Any]) -> HistodiffConfig:
@@ -97,6 +99,8 @@ def trial_config(cfg: HistodiffConfig, point: dict[str, Any]) -> HistodiffConfig
         data["synthesis"]["guidance_scale"] = float(point["guidance_scale"])
     if point.get("threshold") is not None:
         data["synthesis"]["selector"]["threshold"] = float(point["threshold"])
+    if point.get("strength") is not None:
+        data["synthesis"]["strength"] = float(point["strength"])
     out = config_from_dict(data)
     # public_dict drops credentials; keep the caller's (they never reach MLflow: flat_params drops them).
     return out.model_copy(update={"storage": cfg.storage})
@@ -205,7 +209,7 @@ def _tuner(cfg: HistodiffConfig, trainable: Any, name: str, storage_path: str, f
         log.info("resuming the sweep at %s", experiment)
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
                                   storage_filesystem=fs)
-    points = search_points(sweep_cfg, cfg.evaluation.synthetic_fraction)
+    points = search_points(sweep_cfg, cfg.evaluation.synthetic_fraction, cfg.synthesis.strength)
     # grid: every point once (x num_samples); random: num_samples draws from the same points.
     space = {"point": tune.grid_search(points) if sweep_cfg.search == "grid" else tune.choice(points)}
     return tune.Tuner(

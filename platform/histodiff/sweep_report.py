@@ -10,7 +10,8 @@ from histodiff.plots import figure_png
 from histodiff.storage import Store, join
 
 NO_SYNTHETIC_KEY = "no-synthetic"
-COLUMNS = ("key", "guidance_scale", "threshold", "synthetic_fraction", "val_gain", "test_gain", "status", "error")
+COLUMNS = ("key", "guidance_scale", "threshold", "synthetic_fraction", "strength", "val_gain", "test_gain", "status",
+           "error")
 
 
 def _finite(value: Any) -> bool:
@@ -23,12 +24,13 @@ def recommend(trials: list[dict[str, Any]]) -> tuple[dict[str, Any], float, floa
     "No synthetic tiles" has gain 0 by definition and is always a candidate, and it wins
     ties: augmenting has to *help* on validation to be recommended.
     """
-    best = {"key": NO_SYNTHETIC_KEY, "guidance_scale": None, "threshold": None, "synthetic_fraction": 0.0}
+    best = {"key": NO_SYNTHETIC_KEY, "guidance_scale": None, "threshold": None, "synthetic_fraction": 0.0,
+            "strength": None}
     best_val, best_test = 0.0, 0.0
     for t in trials:
         if t.get("status") == "OK" and t.get("synthetic_fraction") and _finite(t.get("val_gain")) \
                 and t["val_gain"] > best_val:
-            best = {k: t.get(k) for k in ("key", "guidance_scale", "threshold", "synthetic_fraction")}
+            best = {k: t.get(k) for k in ("key", "guidance_scale", "threshold", "synthetic_fraction", "strength")}
             best_val, best_test = float(t["val_gain"]), t.get("test_gain")
     return best, best_val, best_test if _finite(best_test) else None
 
@@ -52,7 +54,7 @@ def table_csv(trials: list[dict[str, Any]]) -> str:
 def heatmap_figure(trials: list[dict[str, Any]]) -> Any:
     """Return a matplotlib figure of the validation gain over guidance scale x threshold.
 
-    Cells average over synthetic ratios; failed trials show as blank (NaN) cells.
+    Cells average over synthetic fractions and strengths; failed trials show as blank (NaN) cells.
     """
     import matplotlib
 
@@ -115,7 +117,8 @@ def summary_text(result: Any) -> str:
     rec = result.recommended
     setting = ("don't augment (no synthetic tiles)" if rec["key"] == NO_SYNTHETIC_KEY else
                f"guidance_scale={rec['guidance_scale']:g} threshold={rec['threshold']:g} "
-               f"synthetic_fraction={rec['synthetic_fraction']:g}")
+               f"synthetic_fraction={rec['synthetic_fraction']:g}"
+               + (f" strength={rec['strength']:g}" if rec.get("strength") not in (None, 1.0) else ""))
     test = "n/a" if result.recommended_test_gain is None else f"{100 * result.recommended_test_gain:+.2f}"
     return (f"{head}\n"
             f"recommended (best validation gain): {setting}\n"
