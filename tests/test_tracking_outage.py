@@ -162,9 +162,10 @@ def test_server_down_past_the_end_is_finished_by_tracking_sync(own_mlflow, ray_l
     assert sorted(waiting) == sorted([result.run_id, parent.run_id])
 
     own_mlflow.start()
-    overrides = [f"{k}={v}" for k, v in {
-        "paths.root": tmp_path, "tracking.tracking_uri": own_mlflow.url, "tracking.experiment": cfg.tracking.experiment,
-        "tracking.buffer_dir": cfg.tracking.buffer_dir, "tracking.registry_prefix": cfg.tracking.registry_prefix}.items()]
+    t = cfg.tracking
+    overrides = [f"paths.root={tmp_path}", f"tracking.tracking_uri={own_mlflow.url}",
+                 f"tracking.experiment={t.experiment}", f"tracking.buffer_dir={t.buffer_dir}",
+                 f"tracking.registry_prefix={t.registry_prefix}"]
     sync = subprocess.run([sys.executable, "-m", "histodiff.cli", "tracking", "sync", "--config", "tiny", *overrides],
                           capture_output=True, text=True, timeout=600)
     assert sync.returncode == 0, sync.stdout[-3000:] + sync.stderr[-3000:]

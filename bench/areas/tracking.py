@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 
 def run(workdir: str) -> dict[str, dict]:
-    """Return per-step logging cost (server up, server lost: buffered to disk) and the blocked time with a dead server."""
+    """Return per-step logging cost (server up; server lost: buffered to disk) and the time a dead server blocks."""
     uri = f"sqlite:///{os.path.abspath(workdir)}/bench-mlflow.db"
     cfg = load_config("tiny", [f"tracking.tracking_uri={uri}", "tracking.experiment=bench-tracking"])
     with tracking.stage_run(cfg, "bench") as tracker:  # warm-up: schema creation, imports

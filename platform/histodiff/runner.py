@@ -152,7 +152,7 @@ def attempt_uri(cfg: HistodiffConfig, key: str) -> str:
 @contextlib.contextmanager
 def resumable_run(cfg: HistodiffConfig, store: Store, key: str, fp: str,
                   opener: Callable[..., Any]) -> Iterator[tracking.Tracker]:
-    """Open a run with ``opener(resume_run_id=...)``, continuing the one an earlier attempt left open; yield its Tracker.
+    """Open a run with ``opener(resume_run_id=...)``, continuing one an earlier attempt left open; yield its Tracker.
 
     An attempt killed with the same fingerprint is continued (its run id comes back); one with
     another fingerprint has its run ended KILLED and tagged with the new run's id. The record is

@@ -59,7 +59,12 @@ def quiet_ray_train() -> None:
 
 def worker_setup() -> None:
     """Ray's ``worker_process_setup_hook``: runs in every worker process of a Ray that histodiff started."""
+    import ray
+
     quiet_ray_train()
+    # Ray's state API (which that cleaner polls) looks for "the" local Ray by scanning processes and
+    # dies with a traceback when a machine runs several; name the one this worker belongs to.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -76,8 +81,8 @@ def worker_env(storage_cfg: StorageConfig | None = None, tracking_uri: str | Non
         env.setdefault("MLFLOW_TRACKING_URI", absolute_tracking_uri(tracking_uri))
     if storage_cfg is not None and storage_cfg.endpoint_url:
         env.setdefault("AWS_ENDPOINT_URL_S3", storage_cfg.endpoint_url)
-    # Ray writes runtime_env into its logs: an endpoint never carries its user:password@ there.
-    env = {k: (strip_userinfo(v) if "ENDPOINT" in k else v) for k, v in env.items()}
+    # Ray writes runtime_env into its logs: no URL carries its user:password@ there.
+    env = {k: strip_userinfo(v) for k, v in env.items()}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

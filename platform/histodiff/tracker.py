@@ -70,10 +70,6 @@ class Tracker:
 
     # ------------------------------------------------------------------ the one path of every call
 
-    def log_config(self, cfg: Any) -> None:
-        """Log the public config (no secrets) as ``config.yaml``."""
-        self.log_dict(cfg.public_dict(), "config.yaml")
-
     def _own(self) -> list[str]:
         return [self._segment.path] if self._segment is not None and self._segment.path else []
 
@@ -228,6 +224,10 @@ class Tracker:
     def log_text(self, text: str, name: str) -> None:
         """Log text as an artifact (secrets scrubbed)."""
         self._log_bytes(scrub(text).encode(), name)
+
+    def log_config(self, cfg: Any) -> None:
+        """Log the public config (no secrets) as ``config.yaml``."""
+        self.log_dict(cfg.public_dict(), "config.yaml")
 
     def _log_bytes(self, data: bytes, name: str) -> None:
         if not self.active:

@@ -105,7 +105,7 @@ class Segment:
 
     def append(self, op: dict[str, Any]) -> bool:
         """Append one call (an artifact's file is copied in); return False when the buffer is full."""
-        size = os.path.getsize(op["file"]) if op.get("op") == "artifact" and os.path.isfile(op["file"]) else 0
+        size = _size(op["file"]) if op.get("op") == "artifact" else 0
         if self.written + size > self.max_bytes:
             self.dropped += 1
             return False
@@ -126,6 +126,12 @@ class Segment:
     def reset(self) -> None:
         """Start a new file at the next append (the old one was replayed and removed)."""
         self.path, self.written = None, 0
+
+
+def _size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
 
 
 def segments(path: str) -> list[str]:
