@@ -157,6 +157,10 @@ def test_server_down_past_the_end_is_finished_by_tracking_sync(own_mlflow, ray_l
     stop.set()
     console = _console(capfd, END)
     assert console.count(END) == 2, console[-4000:]  # the stage's run, then the parent's: one line each
+    assert console.count(OUTAGE) == 1  # said by the worker that met it; its driver does not say it again
+    assert "Retrying (" not in console and "ERROR mlflow" not in console
+    print("past-the-end test: console lines:", *[line for line in console.splitlines() if "MLflow" in line],
+          sep="\n  ")
     assert result.registered == [] and result.run_id
     waiting = tracking.waiting_runs(cfg)
     assert sorted(waiting) == sorted([result.run_id, parent.run_id])

@@ -126,9 +126,22 @@ class Tracker:
     def _went_down(self, exc: BaseException | None) -> None:
         now = time.monotonic()
         self._down_since, self._next_probe = now, now + self.settings.retry_s
-        if exc is not None:
+        if exc is not None and not self._said_by_another():
             log.warning("MLflow at %s is unreachable (%s): training goes on; tracking calls of run %s wait in %s "
                         "and are sent when it is back", scrub(self.tracking_uri), reason(exc), self.name, self.folder)
+
+    def _said_by_another(self) -> bool:
+        """Return True when another process of this run (its Ray Train worker) already reported the outage."""
+        try:
+            return any(seg not in self._own() for seg in tb.segments(self.folder)) or (
+                self.handoff is not None and self.handoff[0].exists(self.handoff[1]))
+        except OSError:
+            return False
+
+    def _batches(self, kind: str, items: list[list[Any]]) -> None:
+        size = tb.BATCH_LIMITS[kind]
+        for i in range(0, len(items), size):
+            self._submit({"op": "batch", kind: items[i : i + size]})
 
     def _keep(self, op: dict[str, Any]) -> None:
         if not self._segment.append(op) and self._segment.dropped == 1:
@@ -164,22 +177,16 @@ class Tracker:
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params (secrets scrubbed, values truncated to MLflow's limit)."""
-        items = [[k, scrub(v)[:6000]] for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self._submit({"op": "batch", "params": items[i : i + 100]})
+        self._batches("params", [[k, scrub(v)[:6000]] for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log numeric metrics at a step."""
         ts = int(time.time() * 1000)
-        items = [[k, float(v), ts, int(step or 0)] for k, v in metrics.items() if v is not None]
-        for i in range(0, len(items), 1000):
-            self._submit({"op": "batch", "metrics": items[i : i + 1000]})
+        self._batches("metrics", [[k, float(v), ts, int(step or 0)] for k, v in metrics.items() if v is not None])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Set run tags (secrets scrubbed)."""
-        items = [[k, scrub(v)[:5000]] for k, v in tags.items()]
-        for i in range(0, len(items), 100):
-            self._submit({"op": "batch", "tags": items[i : i + 100]})
+        self._batches("tags", [[k, scrub(v)[:5000]] for k, v in tags.items()])
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         """Upload a local file or directory as an artifact (copied into the buffer during an outage)."""
@@ -198,17 +205,10 @@ class Tracker:
 
     def log_image(self, image: Any, name: str) -> None:
         """Log an HWC uint8 array or PIL image as an image artifact at ``name``."""
-        if not self.active:
-            return
-        import io
+        from histodiff.plots import image_bytes
 
-        import numpy as np
-        from PIL import Image
-
-        img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-        buf = io.BytesIO()
-        img.save(buf, format=(os.path.splitext(name)[1].lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-        self._log_bytes(buf.getvalue(), name)
+        if self.active:
+            self._log_bytes(image_bytes(image, name), name)
 
     def log_dict(self, data: Any, name: str) -> None:
         """Log JSON/YAML-able data as an artifact (YAML for a .yaml/.yml name; secrets scrubbed)."""
@@ -264,13 +264,20 @@ class Tracker:
         with self._lock:
             self._maybe_recover(force=True)
             if self._own() and self.handoff is not None:
-                store, uri = self.handoff
-                try:
-                    tb.handoff_out(self.folder, store, uri)
-                    self._segment.reset()
-                except Exception as exc:  # stays on this node's disk: `histodiff tracking sync` there sends it
-                    log.warning("could not hand the waiting tracking calls of run %s to the driver: %s", self.name,
-                                scrub(exc)[:200])
+                self._move(out=True)
+
+    def _move(self, out: bool) -> None:
+        """Move this run's waiting calls to (a worker) or from (the driver) the handoff URI."""
+        store, uri = self.handoff
+        try:
+            if out:
+                tb.handoff_out(self.folder, store, uri)
+                self._segment.reset()
+            else:
+                tb.handoff_in(store, uri, self.folder)
+        except Exception as exc:  # what stays on a node's disk is sent by `histodiff tracking sync` there
+            log.warning("could not move the waiting tracking calls of run %s %s storage: %s", self.name,
+                        "to" if out else "from", scrub(exc)[:200])
 
     def close(self, status: str) -> None:
         """End the run with ``status`` after sending every call that waits (its workers' too).
@@ -282,12 +289,7 @@ class Tracker:
             return
         with self._lock:
             if self.handoff is not None:
-                store, uri = self.handoff
-                try:
-                    tb.handoff_in(store, uri, self.folder)
-                except Exception as exc:
-                    log.warning("could not collect the workers' waiting tracking calls of run %s: %s", self.name,
-                                scrub(exc)[:200])
+                self._move(out=False)
             if (tb.pending_calls(self.folder) or self._down_since is not None) and self.reachable():
                 was_down = self._down_since
                 try:
@@ -308,11 +310,10 @@ class Tracker:
                         return
             self._keep({"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
             tb.update_meta(self.folder, ended=True, status=status)
-            models = f", the {'/'.join(self._models)} model(s) to register" if self._models else ""
-            log.warning("MLflow at %s is unreachable at the end of run %s: its %d tracking calls%s and its status %s "
-                        "wait in %s; `histodiff tracking sync` (or the next stage that reaches MLflow) sends them",
-                        scrub(self.tracking_uri), self.name, tb.pending_calls(self.folder), models, status,
-                        self.folder)
+            models = f", the {'/'.join(self._models)} model to register" if self._models else ""
+            log.warning("MLflow at %s is unreachable at the end of run %s: %d calls%s and status %s wait in %s; "
+                        "`histodiff tracking sync` (or the next stage) sends them", scrub(self.tracking_uri), self.name,
+                        tb.pending_calls(self.folder), models, status, self.folder)
 
 
 NULL_TRACKER = Tracker(None, None)

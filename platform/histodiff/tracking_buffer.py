@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 RUN_META = "run.json"
 _SEGMENT_PREFIX = "ops-"
 # MLflow's log_batch limits: replayed metrics, params and tags go in batches this size.
-_BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
+BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
 
 
 class Unreachable(ConnectionError):
@@ -205,7 +205,7 @@ def _merged(ops: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         last = groups[-1] if groups else None
         if (op["op"] == "batch" and last and last[0]["op"] == "batch"
                 and all(sum(len(o.get(k, [])) for o in last) + len(op.get(k, [])) <= n
-                        for k, n in _BATCH_LIMITS.items())):
+                        for k, n in BATCH_LIMITS.items())):
             last.append(op)
         else:
             groups.append([op])
@@ -216,7 +216,7 @@ def combine(group: list[dict[str, Any]]) -> dict[str, Any]:
     """Return one call for a group from :func:`_merged` (a merged log_batch, or the single call)."""
     if group[0]["op"] != "batch":
         return group[0]
-    return {"op": "batch", **{k: [item for o in group for item in o.get(k, [])] for k in _BATCH_LIMITS}}
+    return {"op": "batch", **{k: [item for o in group for item in o.get(k, [])] for k in BATCH_LIMITS}}
 
 
 def replay(path: str, send: Callable[[dict[str, Any], str], None], rejected: Callable[[dict[str, Any],
