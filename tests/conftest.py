@@ -6,6 +6,7 @@ so the session gets its own HOME and Ray temp dir.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -46,6 +47,26 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
             if time.time() > deadline:
                 raise RuntimeError(f"{url} did not come up in {timeout}s")
             time.sleep(0.2)
+
+
+@pytest.fixture
+def histodiff_log():
+    """The messages histodiff logs during a test (works with ``-p no:logging``, unlike caplog)."""
+    import logging
+
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, logger = Keep(level=logging.INFO), logging.getLogger("histodiff")
+    before = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield messages
+    logger.removeHandler(handler)
+    logger.setLevel(before)
 
 
 @pytest.fixture
@@ -118,28 +139,58 @@ def s3_bucket(s3_server):
     return f"s3://{name}"
 
 
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend: start, stop (kill), start again on the same port."""
+
+    def __init__(self, root, port: int | None = None) -> None:
+        self.root, self.port = str(root), port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 240) -> "MlflowServer":
+        """Start the server (same port, same backend store) and wait until it answers."""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--artifacts-destination", f"{self.root}/artifacts", "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+            start_new_session=True,  # the server forks job runners; stop the whole group
+        )
+        _wait_http(f"{self.url}/health", timeout=timeout)  # slow under a loaded 2-core machine
+        return self
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the server and everything it forked (SIGKILL by default: an outage, not a shutdown)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifact root); yields its URL."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
-        start_new_session=True,  # the server forks job runners; stop the whole group
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     try:
-        _wait_http(f"{url}/health", timeout=240)  # slow under a loaded 2-core machine
-        yield url
+        yield server.start().url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        server.stop(signal.SIGTERM)
+
+
+@pytest.fixture
+def own_mlflow(tmp_path):
+    """A real ``mlflow server`` of this test alone, which the test may stop and start again; yields it."""
+    server = MlflowServer(tmp_path / "mlflow-server")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -98,10 +98,7 @@ def test_checkpoints_and_export_on_s3(ray_local, s3_bucket, tmp_path):
 
 def test_killed_driver_resumes_on_rerun(tmp_path):
     """SIGKILL the whole `histodiff run pretrain` process group after a checkpoint; the rerun resumes from it."""
-    import signal
     import subprocess
-    import sys
-    import time
 
     from test_denoiser import SMALL
 
@@ -109,22 +106,8 @@ def test_killed_driver_resumes_on_rerun(tmp_path):
                  *SMALL, "denoiser.steps=40", "denoiser.checkpoint_every=8", "ray.num_cpus=2"]
     cfg = load_config("tiny", overrides)
     write_latents(cfg.paths.latents, 256)
-    # Its own Ray temp root: the embedded Ray it starts can be found, and cleaned up, by that path.
     ray_tmp = f"/tmp/hdkill-{os.getpid()}"
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    cmd = [sys.executable, "-m", "histodiff.cli", "run", "pretrain", "--config", "tiny", *overrides]
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while not _steps(cfg):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 600 s"
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session, mid-run
-        proc.wait()
-    finally:
-        _kill_by_env("RAY_TMPDIR", ray_tmp)  # Ray's daemons and workers, which leave the session
+    cmd, env = kill_after_a_checkpoint(overrides, cfg, ray_tmp, tmp_path / "first.log")
     killed_at = _steps(cfg)
     assert killed_at and killed_at[-1] < 40
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -138,6 +121,34 @@ def test_killed_driver_resumes_on_rerun(tmp_path):
     # The global step continued from a checkpoint the killed run wrote, and the loss did not jump back.
     assert resumed_step in killed_at and resumed_step < 40
     assert resumed_loss == pytest.approx(probe[resumed_step], rel=1e-4) and resumed_loss < probe[0]
+
+
+def kill_after_a_checkpoint(overrides: list[str], cfg, ray_tmp: str, log_path) -> tuple[list[str], dict]:
+    """Run `histodiff run pretrain` with ``overrides``; SIGKILL its whole process group once a checkpoint is complete.
+
+    The command gets its own Ray temp root (``RAY_TMPDIR=ray_tmp``), so the embedded Ray it starts
+    can be found, and cleaned up, by that path. Returns (command, environment) for the rerun.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "histodiff.cli", "run", "pretrain", "--config", "tiny", *overrides]
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not _steps(cfg):
+            assert proc.poll() is None, open(log_path).read()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 600 s"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session, mid-run
+        proc.wait()
+    finally:
+        _kill_by_env("RAY_TMPDIR", ray_tmp)  # Ray's daemons and workers, which leave the session
+    return cmd, env
 
 
 def _kill_by_env(name: str, value: str) -> None:

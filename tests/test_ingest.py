@@ -84,6 +84,15 @@ def test_prepare_tile_converts_and_skips_by_reason():
 
 # ---------------------------------------------------------------- end to end on real Ray
 
+def _broken_copies(good_path: str, truncated_path: str, corrupt_path: str) -> None:
+    """Write a truncated copy and a corrupt copy (zeroed bytes inside the compressed pixels) of a good PNG."""
+    good = open(good_path, "rb").read()
+    with open(truncated_path, "wb") as f:
+        f.write(good[: len(good) // 2])
+    with open(corrupt_path, "wb") as f:
+        f.write(good[: len(good) // 2] + bytes(16) + good[len(good) // 2 + 16 :])
+
+
 def _messy_source(root: str) -> dict[str, int]:
     """Write good, duplicate and broken files; return the counts ingest must report."""
     image = tissue_image()
@@ -97,11 +106,7 @@ def _messy_source(root: str) -> dict[str, int]:
     open(f"{root}/c_empty.png", "wb").close()
     with open(f"{root}/c_text.jpg", "w") as f:
         f.write("this is not a JPEG")
-    good = open(f"{root}/a01.png", "rb").read()
-    with open(f"{root}/c_trunc.png", "wb") as f:
-        f.write(good[: len(good) // 2])
-    with open(f"{root}/c_corrupt.png", "wb") as f:  # zeroed bytes inside the compressed pixel data
-        f.write(good[: len(good) // 2] + bytes(16) + good[len(good) // 2 + 16 :])
+    _broken_copies(f"{root}/a01.png", f"{root}/c_trunc.png", f"{root}/c_corrupt.png")
     with open(f"{root}/notes.txt", "w") as f:
         f.write("ignored: not an image extension")
     return {"seen": 18, "written": 12}
@@ -257,3 +262,34 @@ def test_s3_wrong_credentials_and_unreachable_endpoint(tmp_path, s3_bucket, monk
     with pytest.raises(storage.StorageError, match="Check the S3 credentials") as info:
         ingest_run(_cfg(tmp_path, f"paths.unlabeled_sources=[{s3_bucket}/pool]"))
     assert secret not in str(info.value)
+
+
+@pytest.mark.slow
+def test_every_bad_file_kind_is_named_with_its_reason(tmp_path, ray_local):
+    image, root = tissue_image(), str(tmp_path / "kinds")
+    os.makedirs(root)
+    Image.fromarray(image[:48, 300:348]).save(f"{root}/good_a.png")
+    Image.fromarray(image[40:88, 300:348]).save(f"{root}/good_b.png")
+    Image.fromarray(image[:48, 300:348]).save(f"{root}/kind_duplicate.tif")
+    open(f"{root}/kind_empty.png", "wb").close()
+    with open(f"{root}/kind_not_image.jpg", "w") as f:
+        f.write("this is not a JPEG")
+    _broken_copies(f"{root}/good_a.png", f"{root}/kind_truncated.png", f"{root}/kind_corrupt.png")
+    Image.fromarray(image[:16, :16]).save(f"{root}/kind_too_small.png")
+    Image.fromarray(np.full((48, 48, 3), 245, np.uint8)).save(f"{root}/kind_low_saturation.png")
+    cfg = _cfg(tmp_path, f"paths.unlabeled_sources=[{root}]", "data.max_bad_fraction=1.0",
+               "data.saturation_threshold=20")
+    ingest_run(cfg)
+    import csv
+
+    with open(os.path.join(cfg.paths.unlabeled_shards, ingest.SKIPPED_CSV)) as f:
+        rows = {os.path.basename(r["uri"]): (r["reason"], r["detail"]) for r in csv.DictReader(f)}
+    kinds = ["duplicate", "empty", "not_image", "truncated", "corrupt", "too_small", "low_saturation"]
+    assert {name: reason for name, (reason, _) in rows.items()} == {
+        next(n for n in os.listdir(root) if n.startswith(f"kind_{k}.")): k for k in kinds}
+    assert all(detail for reason, detail in rows.values() if reason != "duplicate")
+    # A file listed but gone (or denied) when read is named "unreadable", by the same chunk code.
+    settings = ingest.IngestSettings.from_config(cfg)
+    _, stats = ingest._process_chunk([(f"{root}/vanished.png", None, "unlabeled")], settings, Store())
+    skipped = [(os.path.basename(u), reason) for u, reason, _ in stats["skipped_files"]]
+    assert skipped == [("vanished.png", "unreadable")]

@@ -75,7 +75,7 @@ def test_wrong_credentials_error_is_clear_and_redacted(s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGKEY0000")
     # moto checks credentials only in its IAM mode; turn it on for this test alone.
     monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
-    for call in (storage.check_readable, storage.list_files, storage.read_bytes):
+    for call in (Store().check_readable, Store().list_files, Store().read_bytes):
         with pytest.raises(storage.StorageError) as info:
             call(f"{s3_bucket}/tiles/a.png")
         assert "Check the S3 credentials" in str(info.value)

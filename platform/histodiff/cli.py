@@ -1,4 +1,4 @@
-"""The ``histodiff`` command: run, submit, demo, sweep and bench.
+"""The ``histodiff`` command: run, submit, demo, sweep, tracking sync and bench.
 
 ``histodiff run STAGE|pipeline --config tiny [k=v ...]`` runs on an embedded local Ray;
 ``histodiff submit STAGE|pipeline|sweep --address http://HEAD:8265 ...`` runs the same
@@ -117,6 +117,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
                   follow=not args.no_wait, space=getattr(args, "space", None))
 
 
+def cmd_tracking(args: argparse.Namespace) -> int:
+    """Send the tracking calls earlier commands left waiting for a server that was down; 1 while some still wait."""
+    from histodiff.storage import Store
+    from histodiff.tracking import buffer_settings, sync_pending, waiting_runs
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.tracking.enabled:
+        print("histodiff: tracking.enabled=false; nothing to sync", file=sys.stderr)
+        return 2
+    done = sync_pending(cfg, Store(cfg.storage))
+    left = waiting_runs(cfg)
+    for run_id, sent in done:
+        print(f"run {run_id}: sent {sent} calls")
+    where = buffer_settings(cfg).root
+    print(f"{len(done)} run(s) synced; {len(left)} still waiting in {where}" if left else
+          f"{len(done)} run(s) synced; nothing waits in {where}")
+    return 1 if left else 0
+
+
 def checkout_bench_runner() -> Any:
     """Return the ``bench.runner`` module of the checkout in the current directory, or None outside a checkout."""
     import importlib
@@ -178,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(fn=cmd_sweep)
 
+    p = sub.add_parser("tracking", help="send tracking calls that waited while the MLflow server was down")
+    p.add_argument("action", choices=["sync"])
+    common(p)
+    p.set_defaults(fn=cmd_tracking)
+
     p = sub.add_parser("bench", help="run benchmarks (from a checkout) and merge them into bench/results.json")
     p.add_argument("area", nargs="?", default=None, help="one area (a module in bench/areas/); default all")
     p.add_argument("--output", default="bench/results.json")
@@ -215,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"histodiff: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from histodiff.storage import StorageError  # not at the top: pyarrow would slow every --help
+
+        if not isinstance(exc, StorageError):
+            raise
+        print(f"histodiff: {exc}", file=sys.stderr)  # names the URI and the fix; secrets already redacted
+        return 1
 
 
 if __name__ == "__main__":

@@ -135,7 +135,11 @@ class TrackingConfig(_Strict):
     registry_prefix: str = "histodiff"
     register_models: bool = True
     champion_alias: str = "champion"
-    async_metrics: bool = Field(True, description="log metrics in the background so a slow server never blocks")
+    buffer_dir: str | None = Field(
+        None, description="local folder where calls wait while the tracking server is down "
+        "(default ~/.cache/histodiff/tracking-buffer); `histodiff tracking sync` sends them")
+    buffer_max_mb: float = Field(1024.0, gt=0, description="per process and run; past it, calls are dropped (counted)")
+    retry_s: float = Field(30.0, gt=0, description="while the tracking server is down, how often to look for it")
     request_timeout_s: int = Field(10, ge=1, description="per-request timeout towards a tracking server")
     request_max_retries: int = Field(2, ge=0, le=10, description="retries before a request counts as failed")
     max_model_upload_mb: float = Field(

@@ -7,14 +7,16 @@ rerunning the pipeline with the same config resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from histodiff import tracking
 from histodiff.config import HistodiffConfig
-from histodiff.runner import run_stage
+from histodiff.runner import resumable_run, run_stage
 from histodiff.stages import NAMES, STAGES
+from histodiff.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,10 @@ def run_pipeline(cfg: HistodiffConfig, stages: list[str] | None = None) -> Pipel
     """Run the stages in order under one parent run; return their results."""
     names = resolve_stages(stages)
     out = PipelineResult(experiment=cfg.tracking.experiment)
-    with tracking.parent_run(cfg, "pipeline", params={"pipeline.stages": ",".join(names)}) as parent:
+    opener = functools.partial(tracking.parent_run, cfg, "pipeline", params={"pipeline.stages": ",".join(names)})
+    # A pipeline killed earlier with the same config and stages continues its parent run.
+    with resumable_run(cfg, Store(cfg.storage), f"pipeline-{cfg.name}", f"{cfg.fingerprint()}:{','.join(names)}",
+                       opener) as parent:
         out.parent_run_id = parent.run_id
         for i, (stage, name) in enumerate((s, n) for s, n in zip(STAGES, NAMES) if n in names):
             log.info("pipeline stage %d/%d: %s", i + 1, len(names), name)

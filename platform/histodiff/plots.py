@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -27,6 +28,16 @@ def figure_png(figure: Any, dpi: int = 110) -> bytes:
     buf = io.BytesIO()
     figure.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     _plt().close(figure)
+    return buf.getvalue()
+
+
+def image_bytes(image: Any, name: str) -> bytes:
+    """Return an HWC uint8 array or PIL image encoded in the format ``name`` ends with (PNG by default)."""
+    from PIL import Image
+
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    buf = io.BytesIO()
+    img.save(buf, format=(os.path.splitext(name)[1].lstrip(".") or "png").upper().replace("JPG", "JPEG"))
     return buf.getvalue()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from histodiff import checkpoint
 from histodiff.config import HistodiffConfig, TrackingConfig
 from histodiff.storage import Store
-from histodiff.tracking import Tracker, scrub
+from histodiff.tracker import Tracker, scrub
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +70,49 @@ def register_export(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker
     """Log one export as a pyfunc model in the tracker's run and alias it champion; return it.
 
     Returns None when tracking or registration is off, the export is incomplete, the same
-    sha256 is already champion, or MLflow fails (reported, never raised).
+    sha256 is already champion, MLflow fails (reported, never raised), or the server is down:
+    then the registration waits with the run's other calls (:mod:`histodiff.tracking_buffer`).
     """
     if not (tracker.active and tracking_cfg.register_models):
         return None
     try:
-        meta = checkpoint.model_meta(uri, store)
+        checkpoint.model_meta(uri, store)
     except FileNotFoundError:
         return None
+    call = {"op": "register", "kind": kind, "uri": uri,
+            "tracking": tracking_cfg.model_dump(include={"registry_prefix", "champion_alias", "max_model_upload_mb"})}
+    if not tracker.ready():
+        tracker.defer(call)
+        log.info("MLflow is unreachable: registering %s waits with the run's tracking calls",
+                    registered_name(tracking_cfg, kind))
+        return None
+    try:
+        return _register_checked(tracking_cfg, store, tracker, kind, uri)
+    except Exception as exc:  # the registry must never fail a finished stage
+        if not tracker.reachable():
+            tracker.defer(call)
+            return None
+        log.warning("registering %s from %s failed: %s", registered_name(tracking_cfg, kind), scrub(uri),
+                    scrub(exc)[:300])
+        return None
+
+
+def register_now(call: dict, tracker: Tracker) -> RegisteredModel | None:
+    """Make a registration that waited for the server (a buffered ``register`` call); raise on failure."""
+    tracking_cfg = TrackingConfig(**call["tracking"])
+    return _register_checked(tracking_cfg, tracker.store or Store(), tracker, call["kind"], call["uri"])
+
+
+def _register_checked(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker, kind: str,
+                      uri: str) -> RegisteredModel | None:
+    meta = checkpoint.model_meta(uri, store)
     name = registered_name(tracking_cfg, kind)
     alias = tracking_cfg.champion_alias
     sha = str(meta.get("sha256", ""))
     if sha and _champion_sha(tracker.client, name, alias) == sha:
         log.info("%s@%s already holds sha256 %s; not registering again", name, alias, sha[:12])
         return None
-    try:
-        return _register(tracking_cfg, store, tracker, kind, uri, meta, name, alias, sha)
-    except Exception as exc:  # the registry must never fail a finished stage
-        log.warning("registering %s from %s failed: %s", name, scrub(uri), scrub(exc)[:300])
-        return None
+    return _register(tracking_cfg, store, tracker, kind, uri, meta, name, alias, sha)
 
 
 def _register(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker, kind: str, uri: str, meta: dict,

@@ -7,18 +7,25 @@ stage's name and ``VERSION``, so a changed field that the work receives, or a bu
 version, always reruns it, and nothing else does. The runner writes ``_stage.json`` (the
 fingerprint and the result) into the spec's ``output_uri`` after the work succeeded: a crash
 leaves no marker, and the rerun resumes (training stages from their checkpoints).
+
+While a stage runs, an attempt record (:func:`attempt_uri`) names its MLflow run; a rerun after
+a killed driver continues that run when the spec is the same, or ends it KILLED and links it
+to the new one: no run is left RUNNING. Before anything else, every stage sends the tracking
+calls earlier commands left waiting for a server that was down (:func:`histodiff.tracking.sync_pending`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict
 
@@ -29,6 +36,7 @@ from histodiff.storage import Store, join
 log = logging.getLogger(__name__)
 
 MARKER = "_stage.json"
+ATTEMPTS_DIR = "_stage_runs"  # under paths.checkpoints: stages may clear their own output folder
 
 
 class Spec(BaseModel):
@@ -125,12 +133,15 @@ def run_stage(stage: ModuleType, cfg: HistodiffConfig, *, parent_run_id: str | N
     start = time.perf_counter()
     store = Store(cfg.storage)
     spec = stage.spec(cfg, store)  # reads and checks the inputs: before any Ray or MLflow resource
+    tracking.sync_pending(cfg, store)
     done = finished(stage, spec, store)
     if done is not None:
         log.info("%s: finished earlier with the same spec (%s); skipping", name, fingerprint(stage, spec))
         return dataclasses.replace(done, seconds=round(time.perf_counter() - start, 3))
     init_ray(cfg)
-    with tracking.stage_run(cfg, name, params=spec_params(spec), parent_run_id=parent_run_id) as tracker:
+    key = f"{name}-{hashlib.sha256(spec.output_uri.encode()).hexdigest()[:10]}"
+    opener = functools.partial(tracking.stage_run, cfg, name, params=spec_params(spec), parent_run_id=parent_run_id)
+    with resumable_run(cfg, store, key, fingerprint(stage, spec), opener) as tracker:
         ctx = Context(store, cfg.ray, tracker, cfg.name, cfg.paths.checkpoints, callbacks)
         result = stage.work(spec, ctx)
         registered = register_models(stage, result, store, cfg.tracking, tracker)
@@ -140,6 +151,34 @@ def run_stage(stage: ModuleType, cfg: HistodiffConfig, *, parent_run_id: str | N
             "stage": name, "version": stage.VERSION, "fingerprint": fingerprint(stage, spec),
             "run_id": tracker.run_id, "result": dataclasses.asdict(result)})
     return result
+
+
+def attempt_uri(cfg: HistodiffConfig, key: str) -> str:
+    """Return where the runner records the MLflow run of an attempt in progress (``key``: stage and output)."""
+    return join(cfg.paths.checkpoints, ATTEMPTS_DIR, f"{key}.json")
+
+
+@contextlib.contextmanager
+def resumable_run(cfg: HistodiffConfig, store: Store, key: str, fp: str,
+                  opener: Callable[..., Any]) -> Iterator[tracking.Tracker]:
+    """Open a run with ``opener(resume_run_id=...)``, continuing one an earlier attempt left open; yield its Tracker.
+
+    An attempt killed with the same fingerprint is continued (its run id comes back); one with
+    another fingerprint has its run ended KILLED and tagged with the new run's id. The record is
+    removed when the body succeeds, so a failed attempt is continued by its rerun too.
+    """
+    uri = attempt_uri(cfg, key)
+    previous = store.read_json(uri) if cfg.tracking.enabled and store.exists(uri) else {}
+    resume = previous.get("run_id") if previous.get("fingerprint") == fp else None
+    with opener(resume_run_id=resume) as tracker:
+        if tracker.run_id:
+            tracker.store = store
+            if previous.get("run_id") and previous["run_id"] != tracker.run_id:
+                tracking.end_stale_run(cfg, previous["run_id"], tracker.run_id)
+            store.write_json(uri, {"key": key, "fingerprint": fp, "run_id": tracker.run_id})
+        yield tracker
+    if tracker.run_id:
+        store.delete(uri)
 
 
 def register_models(stage: ModuleType, result: Any, store: Store, tracking_cfg: TrackingConfig,

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from histodiff.config import HistodiffConfig, StorageConfig
+from histodiff.redaction import configured_keys, strip_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,44 @@ SETTINGS_ENV = (
     "AWS_EC2_METADATA_DISABLED",
     "MLFLOW_TRACKING_URI",
     "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
 )
+# Ray Train's placement-group cleaner asks the state API (the dashboard) every second whether the
+# controller lives; without a dashboard each ask fails with this warning, ~200 lines a run.
+_RAY_TRAIN_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                    "Failed to query Ray Train Controller actor state")
+
+
+class _DropMessage(logging.Filter):
+    """Drop log records whose message starts with one text; keep every other record of the logger."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Return False for the one noisy message."""
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_ray_train() -> None:
+    """Silence Ray Train's repeated controller-state warning in this process (once; real warnings stay)."""
+    name, prefix = _RAY_TRAIN_NOISE
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+        logger.addFilter(_DropMessage(prefix))
+
+
+def worker_setup() -> None:
+    """Ray's ``worker_process_setup_hook``: runs in every worker process of a Ray that histodiff started."""
+    import ray
+
+    quiet_ray_train()
+    # Ray's state API (which that cleaner polls) looks for "the" local Ray by scanning processes and
+    # dies with a traceback when a machine runs several; name the one this worker belongs to.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -43,6 +81,8 @@ def worker_env(storage_cfg: StorageConfig | None = None, tracking_uri: str | Non
         env.setdefault("MLFLOW_TRACKING_URI", absolute_tracking_uri(tracking_uri))
     if storage_cfg is not None and storage_cfg.endpoint_url:
         env.setdefault("AWS_ENDPOINT_URL_S3", storage_cfg.endpoint_url)
+    # Ray writes runtime_env into its logs: no URL carries its user:password@ there.
+    env = {k: strip_userinfo(v) for k, v in env.items()}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
@@ -61,7 +101,15 @@ def init_ray(cfg: HistodiffConfig, **extra: Any) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": worker_env(cfg.storage, cfg.tracking.tracking_uri if cfg.tracking.enabled else None)}
+    quiet_ray_train()
+    # Keys set in the config serve this process through the environment (never a log): nothing
+    # that travels to Ray carries keys, and an embedded Ray's processes inherit this environment.
+    keys = configured_keys(cfg.storage)
+    if keys is not None:
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", keys[0])
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", keys[1])
+    runtime_env = {"env_vars": worker_env(cfg.storage, cfg.tracking.tracking_uri if cfg.tracking.enabled else None),
+                   "worker_process_setup_hook": f"{__name__}.worker_setup"}
     if cfg.ray.address:
         log.info("connecting to Ray at %s", cfg.ray.address)
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True, **extra)

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import posixpath
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -23,35 +22,12 @@ from typing import Any, Iterable
 import pyarrow.fs as pafs
 
 from histodiff.config import StorageConfig
-
-SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_TOKEN",
-                   "MLFLOW_TRACKING_PASSWORD")
-ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL")
+# redact and redact_url are imported from here across histodiff: they stay importable from storage.
+from histodiff.redaction import ENDPOINT_ENV_VARS, configured_keys, redact, redact_url, strip_userinfo  # noqa: F401
 
 
 class StorageError(OSError):
     """A storage problem, with the URI and what to do; secrets already removed."""
-
-
-def _secret_values(cfg: StorageConfig | None = None) -> list[str]:
-    values = [os.environ.get(k, "") for k in SECRET_ENV_VARS]
-    if cfg is not None:
-        for secret in (cfg.access_key_id, cfg.secret_access_key):
-            if secret is not None:
-                values.append(secret.get_secret_value())
-    return [v for v in values if len(v) >= 4]
-
-
-def redact(text: str, cfg: StorageConfig | None = None) -> str:
-    """Return text with every known secret value replaced by ``***``."""
-    for value in _secret_values(cfg):
-        text = text.replace(value, "***")
-    return redact_url(text)
-
-
-def redact_url(url: str) -> str:
-    """Return a URL with any ``user:password@`` part replaced by ``***@``."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
 
 
 def is_s3(uri: str) -> bool:
@@ -85,8 +61,13 @@ class Location:
     uri: str
 
 
-def s3_filesystem(cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
-    """Return a new pyarrow S3FileSystem for the configured endpoint and credentials."""
+def s3_filesystem(cfg: StorageConfig | None = None, with_keys: bool = True) -> pafs.S3FileSystem:
+    """Return a new pyarrow S3FileSystem for the configured endpoint and credentials.
+
+    ``with_keys=False`` leaves credentials to the AWS default chain (the environment, an instance
+    role): a filesystem built with keys carries them when pickled, so one that travels must not.
+    Keys written into the endpoint (``http://KEY:SECRET@host``) count as configured keys.
+    """
     cfg = cfg or StorageConfig()
     kwargs: dict[str, Any] = {
         "connect_timeout": cfg.connect_timeout_s,
@@ -95,7 +76,7 @@ def s3_filesystem(cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
     }
     endpoint = endpoint_url(cfg)
     if endpoint:
-        scheme, _, host = endpoint.partition("://")
+        scheme, _, host = strip_userinfo(endpoint).partition("://")
         kwargs["endpoint_override"] = host if host else endpoint
         kwargs["scheme"] = scheme if host else "https"
         kwargs["region"] = cfg.region or os.environ.get("AWS_REGION") or os.environ.get(
@@ -103,9 +84,9 @@ def s3_filesystem(cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
         kwargs["allow_bucket_creation"] = True
     elif cfg.region:
         kwargs["region"] = cfg.region
-    if cfg.access_key_id is not None and cfg.secret_access_key is not None:
-        kwargs["access_key"] = cfg.access_key_id.get_secret_value()
-        kwargs["secret_key"] = cfg.secret_access_key.get_secret_value()
+    keys = configured_keys(cfg, endpoint)
+    if with_keys and keys is not None:
+        kwargs["access_key"], kwargs["secret_key"] = keys
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -130,18 +111,25 @@ class Store:
         self._s3: pafs.S3FileSystem | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # The endpoint (a setting, never a secret) travels resolved: a worker's node may not have the
-        # driver's AWS_ENDPOINT_URL_S3. Credentials do not: each node brings its own.
-        return {"cfg": self.cfg.model_copy(update={"endpoint_url": endpoint_url(self.cfg)}), "_s3": None}
+        # The endpoint (a setting) travels resolved: a worker's node may not have the driver's
+        # AWS_ENDPOINT_URL_S3. Credentials do not, not even keys set in the config or written into
+        # the endpoint: pickles reach Ray's object store and its spill files. Each node brings its own.
+        cfg = self.cfg.model_copy(update={"endpoint_url": strip_userinfo(endpoint_url(self.cfg)),
+                                          "access_key_id": None, "secret_access_key": None})
+        return {"cfg": cfg, "_s3": None}
 
     def __repr__(self) -> str:
-        return f"Store(endpoint={endpoint_url(self.cfg) or 'AWS'!r})"
+        return f"Store(endpoint={redact_url(endpoint_url(self.cfg) or 'AWS')!r})"
 
     def s3(self) -> pafs.S3FileSystem:
         """Return this store's S3 filesystem (built once)."""
         if self._s3 is None:
             self._s3 = s3_filesystem(self.cfg)
         return self._s3
+
+    def s3_without_keys(self) -> pafs.S3FileSystem:
+        """Return an S3 filesystem for this store's endpoint that takes credentials from each process's node."""
+        return s3_filesystem(self.cfg, with_keys=False)
 
     def resolve(self, uri: str) -> Location:
         """Return the filesystem and in-filesystem path for a URI."""
@@ -156,6 +144,11 @@ class Store:
             raise StorageError(f"unsupported URI scheme in {redact_url(uri)!r}; use a local path or s3://bucket/key")
         path = os.path.abspath(uri[7:] if uri.startswith("file://") else uri)
         return Location(pafs.LocalFileSystem(), path, uri)
+
+    def for_ray(self, uri: str) -> Location:
+        """Return a URI's location with a filesystem that may be pickled to Ray processes (no keys inside)."""
+        loc = self.resolve(uri)
+        return Location(self.s3_without_keys(), loc.path, uri) if is_s3(uri) else loc
 
     def _wrap(self, exc: Exception, uri: str, action: str) -> StorageError:
         text = str(exc)

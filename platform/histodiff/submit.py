@@ -19,13 +19,15 @@ import time
 from pathlib import Path
 
 from histodiff.config import ConfigError, load_config, resolve_preset
+from histodiff.redaction import strip_userinfo
+from histodiff.runtime import SETTINGS_ENV
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-# Settings (never secrets) that the job needs to find storage and tracking on the cluster.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
-                 "AWS_EC2_METADATA_DISABLED", "MLFLOW_S3_ENDPOINT_URL")
+# Settings (never secrets) that the job needs to find storage and tracking on the cluster: the
+# same list Ray workers get (Ray logs runtime_env; credentials come from the cluster's nodes).
+FORWARDED_ENV = SETTINGS_ENV
 EXCLUDES = [".venv", ".git", "outputs", "mlflow.db", "mlruns", "mlartifacts", "bench/_work", "*.egg-info",
             "__pycache__", ".pytest_cache", "platform", ".whl", ".gpu", ".gl"]
 
@@ -74,7 +76,7 @@ def entrypoint(stage: str, config: str, overrides: list[str], space: str | None 
 
 def runtime_env(pip: bool = False) -> dict:
     """Return the runtime_env that ships this code (the package with its presets, the working_dir) to the cluster."""
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env_vars = {k: strip_userinfo(os.environ[k]) for k in FORWARDED_ENV if os.environ.get(k)}
     # The job's driver passes its own env_vars to ray.init (histodiff.runtime.init_ray); without
     # this, Ray refuses to merge two runtime_envs that name the same variable.
     env_vars["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"

@@ -232,7 +232,7 @@ def run(cfg: HistodiffConfig, trial_fn: TrialFn | None = None) -> SweepResult:
     if not cfg.sweep.guidance_scales or not cfg.sweep.thresholds:
         raise ConfigError("sweep.guidance_scales and sweep.thresholds need at least one value each")
     store = Store(cfg.storage)
-    loc = store.resolve(cfg.paths.sweep)
+    loc = store.for_ray(cfg.paths.sweep)  # Tune pickles the filesystem: no keys in it
     fs = loc.fs if is_s3(cfg.paths.sweep) else None
     store.makedirs(cfg.paths.sweep)
     parent_file = join(cfg.paths.sweep, "parent_run.json")

@@ -1,10 +1,12 @@
-"""MLflow tracking: every MLflow call in histodiff lives here.
+"""MLflow tracking: runs, the buffer's settings and the sync of calls that waited for the server.
 
 The runner (:mod:`histodiff.runner`) opens one :func:`stage_run` per stage, nested under the
-pipeline's, sweep's or trial's run whose id it is given, and hands the :class:`Tracker` to
-the stage. :func:`parent_run` opens the pipeline or sweep parent. With
-``tracking.enabled=false`` the tracker is a no-op. Logging failures (a dead server) are
-reported once and never kill the stage; metrics go through MLflow's asynchronous logging.
+pipeline's, sweep's or trial's run whose id it is given, and hands the :class:`Tracker`
+(:mod:`histodiff.tracker`) to the stage. :func:`parent_run` opens the pipeline or sweep parent.
+With ``tracking.enabled=false`` the tracker is a no-op. When the server goes down, calls wait
+on local disk (:mod:`histodiff.tracking_buffer`) and are sent when it is back; what is still
+waiting when a command ends (with the runs' final status and the models to register) is sent
+by :func:`sync_pending`, which every stage calls first and ``histodiff tracking sync`` runs.
 Exported models are registered by :mod:`histodiff.registry`.
 """
 
@@ -12,144 +14,60 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
-import tempfile
-import time
 from typing import Any, Iterator
 
+from histodiff import tracking_buffer as tb
 from histodiff.config import HistodiffConfig
 from histodiff.runtime import absolute_tracking_uri
-from histodiff.storage import redact
+from histodiff.storage import Store, join, redact_url
+from histodiff.tracker import NULL_TRACKER, Tracker
+from histodiff.tracking_server import reachable, reason, scrub
 
 log = logging.getLogger(__name__)
 
-# After a failed call, skip calls for this long: a dead server must not cost a timeout per step.
-_BACKOFF_S = 60.0
-# Runs this process opened and has not ended yet; atexit marks them FAILED (a crash that
-# skips ``finally``, e.g. sys.exit from a signal handler, must not leave them RUNNING).
-_OPEN_RUNS: dict[str, str] = {}
+# Runs this process opened and has not ended yet; atexit ends them FAILED (a crash that skips
+# ``finally``, e.g. sys.exit from a signal handler, must not leave them RUNNING).
+_OPEN_RUNS: dict[str, Tracker] = {}
+# Where Ray Train workers leave the calls they could not send, under the stage's checkpoints.
+HANDOFF_DIR = "_tracking"
 
 
-def scrub(value: Any) -> str:
-    """Return ``str(value)`` with every secret found in the environment replaced by ``***``."""
-    return redact(str(value))
+def buffer_settings(cfg: HistodiffConfig) -> tb.BufferSettings:
+    """Return where calls wait during an outage, how much may wait, and how often to look for the server."""
+    t = cfg.tracking
+    root = os.path.abspath(os.path.expanduser(t.buffer_dir)) if t.buffer_dir else tb.default_root()
+    return tb.BufferSettings(root, t.buffer_max_mb, t.retry_s, float(min(5, t.request_timeout_s)))
 
 
-class Tracker:
-    """A handle on one MLflow run; every method is safe to call when tracking is off."""
-
-    def __init__(self, run_id: str | None, tracking_uri: str | None, async_metrics: bool = True) -> None:
-        self.run_id = run_id
-        self.tracking_uri = tracking_uri
-        self.async_metrics = async_metrics
-        self._client = None
-        self._warned = False
-        self._skip_until = 0.0
-        self._pending: list[Any] = []
-        if run_id is not None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=tracking_uri)
-
-    @property
-    def active(self) -> bool:
-        """Return True when calls reach MLflow."""
-        return self._client is not None
-
-    @property
-    def client(self) -> Any:
-        """Return the underlying MlflowClient (None when tracking is off)."""
-        return self._client
-
-    def _safe(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call ``fn`` (or the client method named by it); report failures once, never raise."""
-        if self._client is None or time.monotonic() < self._skip_until:
-            return None
-        try:
-            return (getattr(self._client, fn) if isinstance(fn, str) else fn)(*args, **kwargs)
-        except Exception as exc:  # tracking must never kill training
-            self._skip_until = time.monotonic() + _BACKOFF_S
-            if not self._warned:
-                log.warning("MLflow %s failed (%s); training goes on, tracking retries in %.0f s",
-                            what, scrub(exc)[:300], _BACKOFF_S)
-                self._warned = True
-            return None
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        """Log params (secrets scrubbed, values truncated to MLflow's limit)."""
-        from mlflow.entities import Param
-
-        items = [Param(k, scrub(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self._safe("log_params", "log_batch", self.run_id, params=items[i : i + 100])
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Log numeric metrics at a step (asynchronously unless tracking.async_metrics=false)."""
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
-        if not items:
-            return
-        ops = self._safe("log_metrics", "log_batch", self.run_id, metrics=items,
-                         synchronous=not self.async_metrics)
-        if ops is not None:
-            self._pending.append(ops)
-
-    def flush(self) -> None:
-        """Wait for queued asynchronous metrics (failures are reported, not raised)."""
-        pending, self._pending = self._pending, []
-        for ops in pending:
-            self._safe("flush", ops.wait)
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        """Set run tags (secrets scrubbed)."""
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, scrub(v)[:5000]) for k, v in tags.items()]
-        if items:
-            self._safe("set_tags", "log_batch", self.run_id, tags=items)
-
-    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        """Upload a local file or directory as an artifact."""
-        if os.path.isdir(local_path):
-            self._safe("log_artifacts", "log_artifacts", self.run_id, local_path, artifact_path)
-        else:
-            self._safe("log_artifact", "log_artifact", self.run_id, local_path, artifact_path)
-
-    def log_figure(self, figure: Any, name: str) -> None:
-        """Log a matplotlib figure as a PNG artifact."""
-        self._safe("log_figure", "log_figure", self.run_id, figure, name)
-
-    def log_png(self, data: bytes, name: str) -> None:
-        """Log PNG bytes (e.g. :func:`histodiff.plots.figure_png`) as an artifact at ``name``."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, os.path.basename(name))
-            with open(path, "wb") as f:
-                f.write(data)
-            self.log_artifact(path, os.path.dirname(name) or None)
-
-    def log_image(self, image: Any, name: str) -> None:
-        """Log an HWC uint8 array or PIL image as a PNG artifact."""
-        self._safe("log_image", "log_image", self.run_id, image, artifact_file=name)
-
-    def log_dict(self, data: Any, name: str) -> None:
-        """Log JSON/YAML-able data as an artifact (secrets scrubbed)."""
-        clean = json.loads(scrub(json.dumps(data, default=str)))
-        self._safe("log_dict", "log_dict", self.run_id, clean, name)
-
-    def log_text(self, text: str, name: str) -> None:
-        """Log text as an artifact (secrets scrubbed)."""
-        self._safe("log_text", "log_text", self.run_id, scrub(text), name)
-
-    def log_config(self, cfg: HistodiffConfig) -> None:
-        """Log the public config (no secrets) as ``config.yaml``."""
-        self.log_dict(cfg.public_dict(), "config.yaml")
+def handoff_uri(checkpoints_uri: str, run_id: str) -> str:
+    """Return where Ray Train workers leave a run's waiting calls for the driver."""
+    return join(checkpoints_uri, HANDOFF_DIR, run_id)
 
 
-NULL_TRACKER = Tracker(None, None)
+def loop_config(tracker: Tracker, store: Store | None = None) -> dict:
+    """Return the Ray Train loop-config entries that let rank 0 log to the driver's run (and buffer like it)."""
+    return {"mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.tracking_uri,
+            "mlflow_run_name": tracker.name, "mlflow_buffer": tracker.settings.as_dict(),
+            # Calls a worker could not send go to storage, where the driver (on any machine) finds them.
+            "mlflow_handoff": (store, tracker.handoff[1]) if tracker.handoff and store is not None else None}
+
+
+_WORKER_TRACKERS: dict[str, Tracker] = {}
+
+
+def worker_tracker(config: dict) -> Tracker:
+    """Return this process's tracker on the run named in a :func:`loop_config` (one per process and run)."""
+    run_id = config.get("mlflow_run_id")
+    if not run_id:
+        return NULL_TRACKER
+    if run_id not in _WORKER_TRACKERS:  # one tracker: one outage line, one buffer, in call order
+        buffer = config.get("mlflow_buffer")
+        _WORKER_TRACKERS[run_id] = Tracker(run_id, config.get("mlflow_tracking_uri"),
+                                           tb.BufferSettings(**buffer) if buffer else None,
+                                           handoff=config.get("mlflow_handoff"), name=config.get("mlflow_run_name", ""))
+    return _WORKER_TRACKERS[run_id]
 
 
 def tracking_uri(cfg: HistodiffConfig) -> str:
@@ -185,47 +103,60 @@ def experiment_id(cfg: HistodiffConfig) -> str:
 
 
 def _end_open_runs() -> None:
-    if not _OPEN_RUNS:
-        return
-    from mlflow.tracking import MlflowClient
-
-    for run_id, uri in list(_OPEN_RUNS.items()):
+    for tracker in list(_OPEN_RUNS.values()):
         with contextlib.suppress(Exception):
-            MlflowClient(tracking_uri=uri).set_terminated(run_id, "FAILED")
-        _OPEN_RUNS.pop(run_id, None)
+            tracker.close("FAILED")
+        _OPEN_RUNS.pop(tracker.run_id, None)
 
 
 atexit.register(_end_open_runs)
 
 
+def _open_run(cfg: HistodiffConfig, uri: str, run_name: str, tags: dict[str, str],
+              resume_run_id: str | None) -> tuple[Any, bool]:
+    """Return (the run, whether it is ``resume_run_id`` reopened); (None, False) when MLflow is unreachable."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        exp_id = experiment_id(cfg)
+        if resume_run_id:
+            try:
+                run = client.get_run(resume_run_id)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                run = None
+            if run is not None and run.info.experiment_id == exp_id and run.info.lifecycle_stage == "active":
+                client.update_run(resume_run_id, status="RUNNING")
+                return run, True
+        return client.create_run(exp_id, run_name=run_name, tags={k: scrub(v) for k, v in tags.items()}), False
+    except Exception as exc:
+        log.warning("MLflow at %s is unreachable (%s): %s runs without tracking", scrub(uri), reason(exc), run_name)
+        return None, False
+
+
 @contextlib.contextmanager
 def _run(cfg: HistodiffConfig, run_name: str, tags: dict[str, str], params: dict[str, Any] | None,
-         parent_run_id: str | None, resume_run_id: str | None = None) -> Iterator[Tracker]:
+         parent_run_id: str | None, resume_run_id: str | None = None,
+         checkpoints_uri: str | None = None) -> Iterator[Tracker]:
     """Open (or reopen) one run; yield its Tracker; end it FINISHED, or FAILED when the body raises."""
     uri = _mlflow_ready(cfg)
-    probe = Tracker("-", uri)  # reuse the never-raise wrapper for opening the run
-    exp_id = probe._safe("get_experiment", experiment_id, cfg)
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}
-    run = None
-    if resume_run_id and exp_id:
-        run = probe._safe("get_run", "get_run", resume_run_id)
-        if run is not None and run.info.experiment_id == exp_id:
-            probe._safe("update_run", "update_run", resume_run_id, status="RUNNING")
-            params = None  # already logged; MLflow refuses to change a param
-        else:
-            run = None
-    if run is None and exp_id:
-        run = probe._safe("create_run", "create_run", exp_id, run_name=run_name,
-                          tags={k: scrub(v) for k, v in tags.items()})
+    run, resumed = _open_run(cfg, uri, run_name, tags, resume_run_id)
     if run is None:
-        log.warning("MLflow at %s is unreachable: %s runs without tracking", scrub(uri), run_name)
         yield NULL_TRACKER
         return
-    tracker = Tracker(run.info.run_id, uri, async_metrics=cfg.tracking.async_metrics)
-    _OPEN_RUNS[tracker.run_id] = uri
-    if params is not None:
-        tracker.log_params(params)
+    run_id = run.info.run_id
+    handoff = (Store(cfg.storage), handoff_uri(checkpoints_uri, run_id)) if checkpoints_uri else None
+    tracker = Tracker(run_id, uri, buffer_settings(cfg), handoff=handoff, name=run_name)
+    _OPEN_RUNS[run_id] = tracker
+    if resumed:
+        log.info("continuing MLflow run %s (%s) that an earlier attempt left open", run_id, run_name)
+    elif params is not None:
+        tracker.log_params(params)  # a reopened run has them already: MLflow refuses to change a param
     status = "FAILED"
     try:
         yield tracker
@@ -234,24 +165,24 @@ def _run(cfg: HistodiffConfig, run_name: str, tags: dict[str, str], params: dict
         tracker.set_tags({"histodiff.error": f"{type(exc).__name__}: {exc}"[:1000]})
         raise
     finally:
-        tracker.flush()
-        tracker._skip_until = 0.0  # always try to close the run, even after an outage
-        tracker._safe("set_terminated", "set_terminated", tracker.run_id, status)
-        _OPEN_RUNS.pop(tracker.run_id, None)
+        tracker.close(status)
+        _OPEN_RUNS.pop(run_id, None)
 
 
 @contextlib.contextmanager
 def stage_run(cfg: HistodiffConfig, stage: str, params: dict[str, Any] | None = None,
-              parent_run_id: str | None = None, run_name: str | None = None) -> Iterator[Tracker]:
-    """Open a run for one stage (nested under ``parent_run_id`` when given); yield a Tracker.
+              parent_run_id: str | None = None, run_name: str | None = None,
+              resume_run_id: str | None = None) -> Iterator[Tracker]:
+    """Open a run for one stage (nested under ``parent_run_id``; ``resume_run_id`` reopens it); yield a Tracker.
 
-    The run ends FINISHED, or FAILED when the body raises (or the process dies).
+    The run ends FINISHED, or FAILED when the body raises (or the process exits).
     """
     if not cfg.tracking.enabled:
         yield NULL_TRACKER
         return
     tags = {"histodiff.stage": stage, "histodiff.name": cfg.name}
-    with _run(cfg, run_name or f"{cfg.name}/{stage}", tags, params or {}, parent_run_id) as tracker:
+    with _run(cfg, run_name or f"{cfg.name}/{stage}", tags, params or {}, parent_run_id, resume_run_id,
+              cfg.paths.checkpoints) as tracker:
         yield tracker
 
 
@@ -267,6 +198,79 @@ def parent_run(cfg: HistodiffConfig, kind: str, params: dict[str, Any] | None = 
               resume_run_id) as tracker:
         tracker.log_config(cfg)
         yield tracker
+
+
+def end_stale_run(cfg: HistodiffConfig, run_id: str, successor: str | None) -> None:
+    """End a run that a killed earlier attempt left RUNNING as KILLED, tagged with the run that replaces it."""
+    if not cfg.tracking.enabled:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=_mlflow_ready(cfg))
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+        if successor:
+            client.set_tag(run_id, "histodiff.superseded_by", successor)
+            client.set_tag(successor, "histodiff.previous_run_id", run_id)
+    except Exception as exc:  # a run that no longer exists, or a server that is down: nothing to close
+        log.info("could not close the earlier attempt's MLflow run %s: %s", run_id, reason(exc))
+
+
+def sync_pending(cfg: HistodiffConfig, store: Store | None = None) -> list[tuple[str, int]]:
+    """Send the calls that earlier commands left waiting for this config's server; return (run id, calls sent).
+
+    Runs of live processes are left alone unless their owner ended them. With a store, calls that
+    Ray Train workers left under ``<paths.checkpoints>/_tracking/`` are collected first.
+    """
+    if not cfg.tracking.enabled:
+        return []
+    uri, settings = _mlflow_ready(cfg), buffer_settings(cfg)
+    if store is not None:
+        _collect_handoffs(cfg, store, settings, uri)
+    runs = waiting_runs(cfg)
+    if not runs:
+        return []
+    if not reachable(uri, settings.probe_timeout_s):
+        log.warning("MLflow at %s is unreachable: the tracking calls of %d run(s) keep waiting in %s",
+                    scrub(uri), len(runs), settings.root)
+        return []
+    done = []
+    for run_id in runs:
+        path = tb.run_dir(settings.root, run_id)
+        meta = tb.read_meta(path)
+        if not meta.get("ended") and any(tb.writer_alive(s) for s in tb.segments(path)):
+            continue  # a live process still logs to it and sends its own calls
+        tracker = Tracker(run_id, uri, settings, name=run_id)
+        tracker.store = store
+        try:
+            sent = tracker._replay(None)
+        except tb.Unreachable:
+            continue
+        tb.forget_if_empty(path)
+        log.warning("MLflow tracking sync: sent the %d calls that run %s left waiting%s", sent, run_id,
+                    f" (it ended {meta['status']})" if meta.get("status") else "")
+        done.append((run_id, sent))
+    return done
+
+
+def waiting_runs(cfg: HistodiffConfig) -> list[str]:
+    """Return the ids of runs whose calls wait in the buffer for this config's tracking server."""
+    uri, root = redact_url(tracking_uri(cfg)), buffer_settings(cfg).root
+    return [r for r in tb.pending_runs(root) if tb.read_meta(tb.run_dir(root, r)).get("tracking_uri") == uri]
+
+
+def _collect_handoffs(cfg: HistodiffConfig, store: Store, settings: tb.BufferSettings, uri: str) -> None:
+    base = join(cfg.paths.checkpoints, HANDOFF_DIR)
+    try:
+        run_ids = store.list_dirs(base) if store.exists(base) else []
+    except OSError:
+        return
+    for run_id in run_ids:
+        path = tb.run_dir(settings.root, run_id)
+        tb.handoff_in(store, join(base, run_id), path)
+        # Its workers ended and their driver did not collect it: nothing writes to it any more.
+        tb.update_meta(path, tracking_uri=redact_url(uri), ended=True)
 
 
 def result_metrics(result: Any, prefix: str = "") -> dict[str, float]:

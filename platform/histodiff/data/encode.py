@@ -146,7 +146,7 @@ def encode_set(src_uri: str, out_uri: str, store: Store, *, autoencoder_uri: str
         num_gpus=1 if use_gpu else 0,
         num_cpus=cpus_per_actor,
     )
-    out = store.resolve(out_uri)
+    out = store.for_ray(out_uri)  # the filesystem travels to the write tasks: no keys in it
     ds.write_parquet(out.path, filesystem=out.fs)
     parts = sorted(u.rsplit("/", 1)[-1] for u in store.list_files(out_uri, [".parquet"]))
     counts = [store.parquet_metadata(join(out_uri, p)).num_rows for p in parts]

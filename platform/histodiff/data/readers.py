@@ -82,7 +82,7 @@ def read_parquet_dataset(uris: list[str], store: Store, columns: list[str], seed
     import ray.data
     from ray.data import FileShuffleConfig
 
-    locs = [store.resolve(u) for u in uris]
+    locs = [store.for_ray(u) for u in uris]  # the filesystem travels to the read tasks: no keys in it
     return ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].fs, columns=columns,
                                  shuffle=FileShuffleConfig(seed=seed), **read_args)
 

@@ -27,9 +27,9 @@ import pyarrow.fs as pafs
 import torch
 
 from histodiff import checkpoint as ckpt
-from histodiff import runtime
+from histodiff import runtime, tracking
 from histodiff.storage import Store, is_s3, redact
-from histodiff.tracking import NULL_TRACKER, Tracker
+from histodiff.tracker import NULL_TRACKER, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ def storage_path_and_fs(checkpoints_uri: str, store: Store) -> tuple[str, pafs.F
         path = checkpoints_uri[5:].strip("/")
         if not path:
             raise ValueError(f"paths.checkpoints={checkpoints_uri!r} names no bucket; use s3://bucket/prefix")
-        # No credentials inside the filesystem that travels to the Train controller and workers:
-        # each process takes them from its node (see histodiff.runtime.SETTINGS_ENV).
-        return path, store.s3(), checkpoints_uri
+        # No credentials inside the filesystem that travels (pickled) to the Train controller and
+        # workers: each process takes them from its node (see histodiff.runtime.SETTINGS_ENV).
+        return path, store.s3_without_keys(), checkpoints_uri
     local = store.resolve(checkpoints_uri).path  # absolute: Ray resolves relative paths elsewhere
     return local, None, local
 
@@ -89,14 +89,9 @@ def build_trainer(ctx: Any, train_loop_per_worker: Callable[[dict], None], loop_
               "checkpoint_upload_mode": ray_cfg.checkpoint_upload_mode,
               "threads_per_worker": None if ray_cfg.use_gpu else ray_cfg.threads_per_worker,
               "use_gpu": ray_cfg.use_gpu, "callbacks": tuple(ctx.callbacks),
-              **tracking_loop_config(ctx.tracker), **loop_config}
+              **tracking.loop_config(ctx.tracker, ctx.store), **loop_config}
     return TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
                         run_config=run_config, datasets=datasets or {})
-
-
-def tracking_loop_config(tracker: Tracker) -> dict:
-    """Return the loop-config entries that let rank 0 log to the driver's MLflow run."""
-    return {"mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.tracking_uri}
 
 
 def list_complete_checkpoints(fs: pafs.FileSystem, run_path: str) -> list[tuple[int, str]]:
@@ -165,10 +160,8 @@ def worker_info() -> WorkerInfo:
 
 
 def worker_tracker(loop_config: dict) -> Tracker:
-    """Return the MLflow tracker for rank 0 (the driver's run) and a no-op one for other ranks."""
-    if worker_info().rank != 0 or not loop_config.get("mlflow_run_id"):
-        return NULL_TRACKER
-    return Tracker(loop_config["mlflow_run_id"], loop_config.get("mlflow_tracking_uri"))
+    """Return rank 0's tracker on the driver's MLflow run and a no-op one for other ranks."""
+    return tracking.worker_tracker(loop_config) if worker_info().rank == 0 else NULL_TRACKER
 
 
 def checkpoint_dir_name(step: int) -> str:

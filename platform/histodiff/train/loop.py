@@ -90,3 +90,4 @@ def train(trainee: Trainee, cadence: Cadence, loop_config: dict, *, device: torc
         else:
             common.report(report, trainee.step, loop_config=loop_config)
         t0, since = time.perf_counter(), 0
+    tracker.release()  # send what waited for MLflow, or leave it for the driver
