@@ -20,7 +20,8 @@ from histodiff.augment.synthesize import (MODEL_KINDS, ModelRef, SamplingSpec, S
 from histodiff.checkpoint import model_meta
 from histodiff.config import HistodiffConfig
 from histodiff.data import shards
-from histodiff.plots import acceptance_figure, tile_grid
+from histodiff.plots import acceptance_figure, labeled_grid_figure
+from histodiff.headline import metric_name
 from histodiff.runner import Context, Spec as StageSpec, StageResult
 from histodiff.storage import Store, join
 
@@ -109,14 +110,15 @@ def lineage_fingerprint(lineage: pa.Table) -> str:
     return hashlib.sha256("\n".join(accepted).encode()).hexdigest()[:16]
 
 
-def _log_report(ctx: Context, report: dict, accepted: dict[str, np.ndarray], threshold: float) -> None:
-    ctx.tracker.log_figure(acceptance_figure(report, threshold), "acceptance/score_histograms.png")
+def _log_report(ctx: Context, report: dict, accepted: dict[str, np.ndarray], threshold: float, quota: int) -> None:
+    ctx.tracker.log_figure(acceptance_figure(report, threshold, quota), "acceptance/score_histograms.png")
     ctx.tracker.log_dict(report, "acceptance/report.json")
-    for c, tiles in accepted.items():
-        if len(tiles):
-            ctx.tracker.log_image(tile_grid(tiles[:32]), f"acceptance/accepted_{c}.png")
-    ctx.tracker.log_metrics({**{f"accepted/{c}": r["accepted"] for c, r in report.items()},
-                             **{f"acceptance_rate/{c}": r["acceptance_rate"] for c, r in report.items()}})
+    rows = [(c, tiles[:8]) for c, tiles in accepted.items() if len(tiles)]
+    if rows:  # one labelled row per class, upscaled: 32 px tiles at 1x are unreadable
+        ctx.tracker.log_figure(labeled_grid_figure(rows, "accepted synthetic tiles (first 8 per class)"),
+                               "acceptance/accepted_tiles.png")
+    ctx.tracker.log_metrics({**{metric_name("accepted", c): r["accepted"] for c, r in report.items()},
+                             **{metric_name("acceptance", c, "pct"): 100 * r["acceptance_rate"] for c, r in report.items()}})
 
 
 def work(spec: Spec, ctx: Context) -> Result:
@@ -137,7 +139,7 @@ def work(spec: Spec, ctx: Context) -> Result:
     accepted_uri = _write_outputs(spec, ctx.store, lineage, accepted, ids, report)
     seconds = time.perf_counter() - t0
     ctx.tracker.log_metrics({"accepted_tiles_per_s": sum(map(len, accepted.values())) / seconds})
-    _log_report(ctx, report, accepted, spec.plan.selection.threshold)
+    _log_report(ctx, report, accepted, spec.plan.selection.threshold, spec.plan.accepted_per_class)
     log.info("synthesis: %s", {c: f"{r['accepted']}/{r['generated']}" for c, r in report.items()})
     rejected = [c for c, r in report.items() if r["accepted"] == 0]
     if rejected:
