@@ -9,12 +9,12 @@ with one line and exit code 2 (:mod:`histodiff.errors`); ``--verbose`` shows eve
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
 from typing import Any
 
+from histodiff import console
 from histodiff.config import HistodiffConfig, load_config
 from histodiff.errors import EXIT_USER_ERROR, UserError, user_message
 from histodiff.runtime import setup_logging
@@ -22,7 +22,6 @@ from histodiff.runtime import setup_logging
 # Stage names without importing the stages (torch, Ray): the parser must answer in well under a second.
 STAGE_NAMES = ("ingest", "autoencoder", "encode", "pretrain", "classifier", "selector", "synthesize", "evaluate")
 
-log = logging.getLogger(__name__)
 
 
 def _print_result(result: Any) -> None:
@@ -90,7 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     data_root = os.path.dirname(cfg.paths.labeled_source.rstrip("/")) if cfg.paths.labeled_source else None
     data_root = os.path.dirname(data_root) if data_root else "outputs/builtin"
-    log.info("writing the built-in tissue data under %s", data_root)
+    console.say("writing the built-in tissue data under %s", data_root)
     write_builtin_data(data_root)
     result = run_pipeline(cfg)
     for name, stage_result in result.stages.items():

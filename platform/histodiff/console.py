@@ -9,6 +9,7 @@ plain lines at most every ``PROGRESS_EVERY_S`` seconds, so a log file reads as w
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import sys
@@ -26,10 +27,12 @@ log = logging.getLogger("histodiff.console")
 # Set before Ray, Ray Data, diffusers and MLflow read them; workers get them through runtime.worker_env.
 QUIET_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "RAY_DATA_LOG_LEVEL": "WARNING",
+    "RAY_DATA_LOG_LEVEL": "ERROR",  # else: "Progress bars disabled", "the Dataset job will hang"
     "DIFFUSERS_VERBOSITY": "error",  # "pip install accelerate", 14 lines per model load
     "TRANSFORMERS_VERBOSITY": "error",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # MLflow sets its logger's level when it is imported
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # its links open GenAI mode; histodiff prints its own
     "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning",
 }
 _QUIET_LOGGERS = {"ray": logging.ERROR, "ray.data": logging.ERROR, "ray.train": logging.ERROR,
@@ -129,10 +132,13 @@ class Progress:
 
     def update(self, done: int, figures: dict[str, float] | None = None, rate: float | None = None,
                force: bool = False) -> None:
-        """Record ``done`` units; print a line when ``every_s`` passed, or when ``force``."""
+        """Record ``done`` units; print a line when ``every_s`` passed since the last one, or when ``force``.
+
+        Work that ends within ``every_s`` prints nothing: the stage's end line says enough.
+        """
         self.done = min(int(done), self.total)
         now = time.monotonic()
-        if not force and now - self._last < self.every_s and self.done < self.total:
+        if not force and now - self._last < self.every_s:
             return
         self._last = now
         elapsed = now - self._start
@@ -164,10 +170,15 @@ def filter_worker_output() -> None:
         return
 
 
+_RECENT: "collections.deque[str]" = collections.deque(maxlen=64)
+
+
 def _print_histodiff_lines(data: dict) -> None:
     from ray._private import worker as ray_worker
 
-    lines = [line for line in data.get("lines", []) if MARK in line]
+    # Ray can forward a line twice (its log monitor reads the worker's file and Ray Train relays it).
+    lines = [line for line in data.get("lines", []) if MARK in line and line not in _RECENT]
+    _RECENT.extend(lines)
     if lines:
         # Our lines carry their own label: Ray's "(RayTrainWorker pid=...)" prefix only adds noise.
         ray_worker.print_to_stdstream({**data, "lines": lines}, ignore_prefix=True)
