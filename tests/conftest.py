@@ -6,6 +6,7 @@ so the session gets its own HOME and Ray temp dir.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -118,15 +119,12 @@ def s3_bucket(s3_server):
     return f"s3://{name}"
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifact root); yields its URL."""
-    root = tmp_path_factory.mktemp("mlflow")
+@contextlib.contextmanager
+def mlflow_process(*args: str):
+    """Run ``mlflow <args> --host 127.0.0.1 --port P`` until the block ends; yield its URL once healthy."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
         start_new_session=True,  # the server forks job runners; stop the whole group
     )
@@ -140,6 +138,15 @@ def mlflow_server(tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifact root); yields its URL."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with mlflow_process("server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                        "--artifacts-destination", str(root / "artifacts")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

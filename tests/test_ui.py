@@ -11,15 +11,9 @@ test's temporary folder (their paths are printed). `make ui-check` installs Chro
 from __future__ import annotations
 
 import html
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -37,7 +31,7 @@ def _write_stand_in_synthetic(root: str, classes: list[str], tile_size: int) -> 
     from histodiff.storage import Store
 
     rng = np.random.default_rng(0)
-    tiles = rng.integers(0, 256, (6 * len(classes), tile_size, tile_size, 3), dtype=np.uint8)
+    tiles = rng.integers(0, 256, (8 * len(classes), tile_size, tile_size, 3), dtype=np.uint8)
     labels = [classes[i % len(classes)] for i in range(len(tiles))]
     uri = f"{root}/synthetic/accepted"
     table = shards.tiles_table(tiles, labels, "stand-in", [f"noise-{i}" for i in range(len(tiles))])
@@ -79,33 +73,13 @@ def ui_store(ray_local, builtin_data, tmp_path):
 
 
 @pytest.fixture
-def mlflow_ui_server(ui_store, tmp_path):
-    """``mlflow ui`` on the test's store; yields its base URL."""
+def mlflow_ui_server(ui_store):
+    """``mlflow ui`` on the test's store, as a user starts it; yields its base URL."""
+    from conftest import mlflow_process
+
     cfg, _ = ui_store
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", cfg.tracking.tracking_uri,
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("mlflow ui did not come up")
-                time.sleep(0.5)
+    with mlflow_process("ui", "--backend-store-uri", cfg.tracking.tracking_uri) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_the_experiment_opens_on_its_runs_with_the_gain_and_a_stage_run_shows_its_figures(
@@ -136,5 +110,10 @@ def test_the_experiment_opens_on_its_runs_with_the_gain_and_a_stage_run_shows_it
                    str(shots / "autoencoder_run.png"), str(tmp_path / "profile-2"))
     assert f"{cfg.name}/autoencoder" in page and "psnr_db" in page and "histodiff.expected" in page
     assert "Evaluations" not in page  # GenAI's run page
-    for png in ("experiment.png", "autoencoder_run.png"):
+    assert "Stage autoencoder of preset tiny" in page and f"{cfg.tracking.registry_prefix}-autoencoder" in page
+
+    # The experiment's Models tab lists the logged model (MLflow 3), linked to its registered version.
+    page = _render(link.replace("/runs?", "/models?"), str(shots / "models.png"), str(tmp_path / "profile-3"))
+    assert "autoencoder" in page and f"{cfg.tracking.registry_prefix}-autoencoder" in page
+    for png in ("experiment.png", "autoencoder_run.png", "models.png"):
         assert (shots / png).stat().st_size > 10_000

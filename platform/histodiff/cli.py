@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages = [*STAGE_NAMES, "pipeline"]
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        """Return the subcommand's parser: its help, one example, and --verbose."""
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=_EXAMPLES[name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

@@ -27,6 +27,7 @@ log = logging.getLogger("histodiff.console")
 # Set before Ray, Ray Data, diffusers and MLflow read them; workers get them through runtime.worker_env.
 QUIET_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_BACKEND_LOG_LEVEL": "fatal",  # Ray's C++ "core_worker.cc ... E" lines, also from the driver itself
     "RAY_DATA_LOG_LEVEL": "ERROR",  # else: "Progress bars disabled", "the Dataset job will hang"
     "DIFFUSERS_VERBOSITY": "error",  # "pip install accelerate", 14 lines per model load
     "TRANSFORMERS_VERBOSITY": "error",
@@ -53,6 +54,7 @@ def quiet_env() -> dict[str, str]:
 class _Format(logging.Formatter):
     # histodiff's own console lines read as sentences; everything else keeps its level and source.
     def format(self, record: logging.LogRecord) -> str:
+        """Return ``HH:MM:SS message`` for histodiff's console lines, else with level and logger."""
         stamp = self.formatTime(record, "%H:%M:%S")
         if record.name == log.name and record.levelno == logging.INFO:
             return f"{stamp} {record.getMessage()}"

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -138,7 +139,9 @@ def _register(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker, kind
             artifacts = {"pointer": pointer}
         tags = {"histodiff.sha256": sha, "histodiff.uri": scrub(uri), "histodiff.bundled": str(bundled)}
         # MLflow's model logging resolves the store from the process-wide URI: scope it to this call.
-        with _scoped_tracking_uri(tracker.tracking_uri):
+        with _scoped_tracking_uri(tracker.tracking_uri), warnings.catch_warnings():
+            # predict has no type hints on purpose (the signature says what it takes): not a user's concern.
+            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
             info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, name=kind, run_id=tracker.run_id,
                              python_model=str(Path(__file__).resolve().parent / "pyfunc_model.py"),
                              artifacts=artifacts, pip_requirements=pip_requirements(),

@@ -148,7 +148,9 @@ def _judge(name: str, preset: str, result: Any, tracker: tracking.Tracker) -> An
     figures = headline.figures(name, result)
     tracker.log_metrics(figures)
     verdict = expected.check(preset, name, figures).text()
-    tracker.set_tags({mlflow_ui.EXPECTED_TAG: verdict})
+    note = f"Stage `{name}` of preset `{preset}`: {headline.summary_text(name, figures, limit=8) or 'no figures'}." \
+        f"\n\nExpected range: {verdict}."
+    tracker.set_tags({mlflow_ui.EXPECTED_TAG: verdict, mlflow_ui.NOTE_TAG: note})
     return dataclasses.replace(result, expected=verdict)
 
 

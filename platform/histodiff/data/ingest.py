@@ -257,7 +257,7 @@ def ingest_set(name: str, items: list[tuple[str, str | None, str]], out_uri: str
             next_submit += 1
 
     writes = []
-    bar, seen = Progress(f"ingest {name}", len(items), "files"), 0
+    bar = Progress(f"ingest {name}", len(items), "files")
     for i, chunk in enumerate(chunks):
         if i in done:
             rec = done[i]
@@ -290,8 +290,7 @@ def ingest_set(name: str, items: list[tuple[str, str | None, str]], out_uri: str
         report["written"] += len(rec["kept_sha1"])
         _report_add(report, stats, files)
         _check_bad(name, report, len(items), settings.max_bad_fraction)
-        seen += len(chunk)
-        bar.update(seen)
+        bar.update(report["seen"])
     ray.get(writes)
     if report["written"] == 0:
         raise IngestError(f"{name}: none of the {len(items)} files gave a usable tile (report: {report}); "

@@ -105,4 +105,7 @@ def _progress(trainee: Trainee, cadence: Cadence, loop_config: dict) -> console.
 def _headline(report: dict[str, float]) -> dict[str, float]:
     """Return the figures a progress line shows: the loss(es) and samples/s when the trainee knows them."""
     out = {k: v for k, v in report.items() if "loss" in k or k in ("l1", "accuracy")}
-    return dict(list(out.items())[:3])
+    out = dict(list(out.items())[:3])
+    if "samples_per_s" in report:
+        out["samples/s"] = report["samples_per_s"]
+    return out
