@@ -90,17 +90,22 @@ def figures(stage: str, result: Any) -> dict[str, float]:
     else:
         data = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(result)
         raw = {metric_name(k): v for k, v in data.items()}
-    out = {k: float(v) for k, v in raw.items() if _num(v) is not None}
+    # Three decimals: the MLflow runs table shows "0.69444179..." otherwise, and no figure here is finer.
+    out = {k: round(float(v), 3) for k, v in raw.items() if _num(v) is not None}
     out.pop("seconds", None)
     seconds = _num(getattr(result, "seconds", None))
     if seconds:
-        out["seconds"] = seconds
+        out["seconds"] = round(seconds, 1)
     return out
+
+
+# What a stage's end line shows first: the evaluation's gain, both arms and the FID before the rest.
+_FIRST = {"evaluate": (PRIMARY, "baseline_balanced_accuracy_pct", "augmented_balanced_accuracy_pct", "quality_fid")}
 
 
 def summary_text(stage: str, values: dict[str, float], limit: int = 4) -> str:
     """Return the few figures a stage's end line shows, e.g. ``psnr_db 26.4, ssim 0.79``."""
     keys = [k for k in values if k != "seconds" and not k.endswith(("_ci_low", "_ci_high", "std_pct"))]
-    if stage == "evaluate" and PRIMARY in values:
-        keys = [PRIMARY, *[k for k in keys if k != PRIMARY]]
+    first = [k for k in _FIRST.get(stage, ()) if k in values]
+    keys = [*first, *[k for k in keys if k not in first]]
     return ", ".join(f"{k} {values[k]:.4g}" for k in keys[:limit])

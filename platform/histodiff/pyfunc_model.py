@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 from mlflow.models import set_model
 
 # Classes for the kinds whose exports are plain diffusers models; other kinds name their
@@ -56,7 +57,7 @@ class ExportedModel(mlflow.pyfunc.PythonModel):
         model.eval()
         return model
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # DataFrame: MLflow infers no schema
         """Return the export's metadata (kind, sha256, local dir), or the fields that ``model_input`` names.
 
         The input is a DataFrame with an optional ``field`` column (the signature); weights come

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -138,16 +137,18 @@ def _register(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker, kind
                 json.dump({"uri": uri, "sha256": sha, "kind": kind}, f)
             artifacts = {"pointer": pointer}
         tags = {"histodiff.sha256": sha, "histodiff.uri": scrub(uri), "histodiff.bundled": str(bundled)}
+        run = client.get_run(tracker.run_id)
+        # Created here, not by Model.log: that one files it under the process's active experiment (Default).
+        logged = client.create_logged_model(run.info.experiment_id, name=kind, source_run_id=tracker.run_id,
+                                            tags={**tags, "mlflow.note.content": text}, params=run.data.params,
+                                            model_type=f"histodiff-{kind}")
         # MLflow's model logging resolves the store from the process-wide URI: scope it to this call.
-        with _scoped_tracking_uri(tracker.tracking_uri), warnings.catch_warnings():
-            # predict has no type hints on purpose (the signature says what it takes): not a user's concern.
-            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-            info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, name=kind, run_id=tracker.run_id,
-                             python_model=str(Path(__file__).resolve().parent / "pyfunc_model.py"),
+        with _scoped_tracking_uri(tracker.tracking_uri):
+            info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, model_id=logged.model_id,
+                             run_id=tracker.run_id, python_model=str(Path(__file__).resolve().parent / "pyfunc_model.py"),
                              artifacts=artifacts, pip_requirements=pip_requirements(),
                              signature=model_signature(), input_example=input_example(),
-                             metadata={"histodiff_kind": kind, "sha256": sha}, model_type=f"histodiff-{kind}",
-                             tags={**tags, "mlflow.note.content": text})
+                             metadata={"histodiff_kind": kind, "sha256": sha})
             try:
                 client.create_registered_model(name, description=what)
             except Exception:  # already exists

@@ -127,6 +127,8 @@ def run_stage(stage: ModuleType, cfg: HistodiffConfig, *, parent_run_id: str | N
     init_ray(cfg)
     with tracking.stage_run(cfg, name, params=spec_params(spec), parent_run_id=parent_run_id) as tracker:
         tracker.set_tags(mlflow_ui.stage_tags(name))
+        if parent_run_id is None:  # `histodiff run STAGE`: the experiment may be new, so it gets its UI setup here
+            mlflow_ui.prepare_experiment(tracker, cfg)
         ctx = Context(store, cfg.ray, tracker, cfg.name, cfg.paths.checkpoints, callbacks, stage=name)
         result = stage.work(spec, ctx)
         result = _judge(name, cfg.name, result, tracker)

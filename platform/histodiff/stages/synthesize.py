@@ -20,8 +20,8 @@ from histodiff.augment.synthesize import (MODEL_KINDS, ModelRef, SamplingSpec, S
 from histodiff.checkpoint import model_meta
 from histodiff.config import HistodiffConfig
 from histodiff.data import shards
-from histodiff.plots import acceptance_figure, labeled_grid_figure
 from histodiff.headline import metric_name
+from histodiff.plots import acceptance_figure, labeled_grid_figure
 from histodiff.runner import Context, Spec as StageSpec, StageResult
 from histodiff.storage import Store, join
 
