@@ -112,8 +112,8 @@ def test_the_experiment_opens_on_its_runs_with_the_gain_and_a_stage_run_shows_it
     assert "Evaluations" not in page  # GenAI's run page
     assert "Stage autoencoder of preset tiny" in page and f"{cfg.tracking.registry_prefix}-autoencoder" in page
 
-    # The experiment's Models tab lists the logged model (MLflow 3), linked to its registered version.
+    # The experiment's Models tab lists the logged model (MLflow 3), ready, with the run that made it.
     page = _render(link.replace("/runs?", "/models?"), str(shots / "models.png"), str(tmp_path / "profile-3"))
-    assert "autoencoder" in page and f"{cfg.tracking.registry_prefix}-autoencoder" in page
+    assert "autoencoder Ready" in page and f"{cfg.name}/autoencoder" in page
     for png in ("experiment.png", "autoencoder_run.png", "models.png"):
         assert (shots / png).stat().st_size > 10_000
