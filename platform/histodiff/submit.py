@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -151,6 +152,9 @@ def submit(stage: str, address: str, config: str, overrides: list[str], token: s
                                        metadata={"histodiff.stage": stage, "histodiff.name": cfg.name})
             break
         except (RuntimeError, ConnectionError, OSError) as exc:
+            if re.search(r"(?i)\b(401|403)\b|unauthori[sz]ed|forbidden|auth", str(exc)):
+                raise UserError(f"the Ray cluster at --address {address!r} refused the auth token; pass --token or "
+                                "set RAY_AUTH_TOKEN") from exc
             # requests' ConnectionError is an OSError: a head under load may drop the upload.
             transient = "No available agent" in str(exc) or isinstance(exc, OSError)
             if not transient or attempt == 29:
