@@ -73,8 +73,9 @@ _FIGURES = {
     "ingest": lambda r: {metric_name(k, "tiles"): v for k, v in r.num_tiles.items()},
     "autoencoder": lambda r: {"psnr_db": r.psnr, "ssim": r.ssim},
     "encode": lambda r: {"num_latents": r.num_latents, "scale_factor": r.scale_factor},
-    "pretrain": lambda r: {"final_loss": r.final_loss, "samples_per_s": r.samples_per_s,
-                           "probe_loss": r.probe_losses[-1][1] if r.probe_losses else None},
+    # Names unlike the per-step metrics (probe_loss, samples_per_s): a figure is logged at step 0.
+    "pretrain": lambda r: {"final_loss": r.final_loss, "train_samples_per_s": r.samples_per_s,
+                           "final_probe_loss": r.probe_losses[-1][1] if r.probe_losses else None},
     "classifier": _classifier,
     "selector": lambda r: {"val_balanced_accuracy_pct": 100 * r.val_balanced_accuracy},
     "synthesize": _synthesize,
