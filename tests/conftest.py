@@ -140,19 +140,24 @@ def s3_bucket(s3_server):
 
 
 class MlflowServer:
-    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend: start, stop (kill), start again on the same port."""
+    """A real ``mlflow server`` (or ``mlflow ui``) on 127.0.0.1: start, stop (kill), start again on the same port.
 
-    def __init__(self, root, port: int | None = None) -> None:
-        self.root, self.port = str(root), port or free_port()
+    By default it owns a SQLite backend under ``root``; ``args`` replaces that with the caller's
+    own (``("ui", "--backend-store-uri", uri)`` serves a store a run already wrote).
+    """
+
+    def __init__(self, root=None, port: int | None = None, args: tuple[str, ...] = ()) -> None:
+        self.port = port or free_port()
+        self.args = args or ("server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", f"{root}/artifacts")
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 240) -> "MlflowServer":
         """Start the server (same port, same backend store) and wait until it answers."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", f"{self.root}/artifacts", "--workers", "1"],
+            [sys.executable, "-m", "mlflow", *self.args, "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
             start_new_session=True,  # the server forks job runners; stop the whole group
         )

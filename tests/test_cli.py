@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import runner
+from histodiff import stages
 from histodiff.cli import main, mlflow_hint, parse_args
 from histodiff.config import load_config
 
@@ -33,10 +34,96 @@ def test_a_bad_override_exits_2_with_the_key_named(capsys):
 
 def test_mlflow_hint_names_the_ui_command_experiment_and_run(tmp_path):
     cfg = load_config("tiny", [f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
-    hint = mlflow_hint(cfg, "abc123")
-    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/m.db" in hint
-    assert "experiment: histodiff-tiny" in hint and "tiny/pipeline" in hint and "abc123" in hint
+    hint = mlflow_hint(cfg, "abc123", "7")
+    # This environment's mlflow (a fresh machine has none on PATH), the absolute store, the run's URL.
+    assert f"/mlflow ui --backend-store-uri sqlite:///{tmp_path}/m.db" in hint
+    assert "histodiff-tiny" in hint and "tiny/pipeline" in hint and "abc123" in hint
+    assert "http://127.0.0.1:5000/#/experiments/7/runs/abc123?workflowType=machine_learning" in hint
+    assert "viewStateShareKey=histodiff" in hint
     assert "histodiff-<kind>@champion" in hint
+
+
+@pytest.fixture
+def user_error(capsys, monkeypatch):
+    """Run the command in-process; return (exit code, stderr lines, stdout); logging left as it was."""
+    import logging
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    names = ["", "histodiff", "histodiff.console", "ray", "mlflow"]
+    levels = {n: logging.getLogger(n).level for n in names}
+    handlers = list(logging.getLogger().handlers)
+
+    def run(argv: list[str]) -> tuple[int, list[str], str]:
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's errors
+            code = exc.code
+        out = capsys.readouterr()
+        return code, [line for line in out.err.splitlines() if line.strip()], out.out
+
+    yield run
+    logging.getLogger().handlers[:] = handlers
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+
+
+def test_an_unknown_stage_is_one_line_exit_2(user_error):
+    code, err, _ = user_error(["run", "foo"])
+    assert code == 2 and len(err) == 1 and "'foo'" in err[0] and "ingest" in err[0]
+    code, err, _ = user_error(["run", "pipeline", "--stages", "ingest,foo", "tracking.enabled=false"])
+    assert code == 2 and err == [f"histodiff: --stages: unknown stage 'foo'; choose from {','.join(stages.NAMES)}"]
+
+
+def test_an_override_without_equals_is_one_line_exit_2(user_error):
+    code, err, _ = user_error(["run", "ingest", "denoiser.steps"])
+    assert code == 2 and len(err) == 1 and "'denoiser.steps' has no '='" in err[0] and "denoiser.steps=VALUE" in err[0]
+    code, err, _ = user_error(["run", "ingest", "denoiser.stepz=3"])
+    assert code == 2 and len(err) == 1 and "denoiser.stepz" in err[0]
+
+
+def test_missing_data_names_the_folder_and_the_fix(user_error, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a folder where the demo never ran
+    code, err, _ = user_error(["run", "ingest", "--config", "tiny", "tracking.enabled=false"])
+    assert code == 2 and len(err) == 1
+    assert f"{tmp_path}/outputs/builtin/unlabeled" in err[0] and "histodiff demo" in err[0] and "paths." in err[0]
+    assert "Traceback" not in err[0]
+
+
+def test_an_unreachable_cluster_is_one_line_exit_2(user_error):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    code, err, _ = user_error(["submit", "ingest", "--address", address, "tracking.tracking_uri=http://mlflow:5000"])
+    assert code == 2 and len(err) == 1 and address in err[0] and "RAY_ADDRESS" in err[0]
+
+
+def test_submit_takes_the_address_from_ray_address(user_error, monkeypatch):
+    import histodiff.submit
+
+    seen = {}
+    monkeypatch.setattr(histodiff.submit, "submit", lambda stage, address, *a, **k: seen.setdefault("a", address) and 0)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert user_error(["submit", "ingest"])[0] == 0 and seen["a"] == "http://head:8265"
+    monkeypatch.delenv("RAY_ADDRESS")
+    code, err, _ = user_error(["submit", "ingest"])
+    assert code == 2 and len(err) == 1 and "--address" in err[0] and "RAY_ADDRESS" in err[0]
+
+
+def test_verbose_shows_the_traceback_of_a_user_error(user_error):
+    code, err, _ = user_error(["--verbose", "run", "pipeline", "--stages", "foo", "tracking.enabled=false"])
+    assert code == 2 and err[0].startswith("Traceback") and err[-1].startswith("histodiff: --stages")
+
+
+def test_version_and_help_with_an_example_and_no_markup(user_error):
+    code, _, out = user_error(["--version"])
+    assert code == 0 and out.startswith("histodiff ")
+    for command in ("run", "submit", "demo", "sweep", "bench"):
+        code, _, out = user_error([command, "--help"])
+        assert code == 0 and "example: histodiff " in out and "``" not in out and ":mod:" not in out
+    code, _, out = user_error(["run", "--help"])
+    assert "optional dotted overrides" in out and "[KEY=VALUE ...]" in out
 
 
 @pytest.mark.slow

@@ -156,8 +156,9 @@ def test_run_on_ray_writes_table_logs_gain_and_skips_rerun(ray_local, tmp_path):
     assert (tmp_path / "evaluation" / "quality" / "closest_pairs.png").is_file()
     client = MlflowClient(tracking_uri=db)
     run = client.search_runs([client.get_experiment_by_name("histodiff-tiny").experiment_id])[0]
-    assert run.data.metrics["gain_accuracy"] == pytest.approx(g["mean"])
-    assert "gain_balanced_accuracy_ci_low" in run.data.metrics
+    assert run.data.metrics["gain_accuracy_points"] == pytest.approx(100 * g["mean"], abs=1e-3)  # points
+    assert "gain_balanced_accuracy_points_ci_low" in run.data.metrics
+    assert run.data.tags["mlflow.runType"] == "evaluation" and run.data.tags["histodiff.expected"]
     assert run.info.run_id == result.run_id
     again = run_stage(evaluate, cfg)
     assert again.skipped and again.gains == result.gains

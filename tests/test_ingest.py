@@ -195,7 +195,7 @@ def test_ingest_labeled_from_s3_with_tracking(tmp_path, ray_local, s3_bucket, bu
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("ingest-test")
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.data.metrics["labeled/tiles_written"] == 18 and run.data.metrics["labeled_test/files_seen"] == 18
+    assert run.data.metrics["labeled_tiles_written"] == 18 and run.data.metrics["labeled_test_files_seen"] == 18
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(run.data.params)
 
 

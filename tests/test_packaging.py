@@ -46,7 +46,8 @@ def test_a_non_editable_install_runs_ingest_with_a_preset_from_another_folder(bu
          cwd=tmp_path)
     (wheel,) = (tmp_path / "whl").glob("histodiff-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"histodiff/presets/tiny.yaml", "histodiff/presets/paper.yaml"} <= set(names)
+    assert {"histodiff/presets/tiny.yaml", "histodiff/presets/paper.yaml", "histodiff/presets/expected/tiny.yaml",
+            "histodiff/presets/expected/paper.yaml"} <= set(names)
     assert all(n.startswith(("histodiff/", "histodiff-")) for n in names), "the wheel ships only the package"
     site = tmp_path / "site"
     _pip("install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel), cwd=tmp_path)

@@ -46,9 +46,22 @@ def test_pipeline_nests_stage_runs_registers_the_autoencoder_and_skips_on_rerun(
     for stage in ("ingest", "autoencoder"):
         assert by_stage[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert {r.info.status for r in runs} == {"FINISHED"}
-    # The parent shows each stage's headline numbers; the stage keeps its own.
-    assert parent.data.metrics["autoencoder.psnr"] == pytest.approx(result.stages["autoencoder"].psnr)
-    assert parent.data.metrics["ingest.seconds"] > 0
+    # The parent shows each stage's key figures as stage/name; the stage run logs them as name.
+    psnr = result.stages["autoencoder"].psnr
+    assert parent.data.metrics["autoencoder/psnr_db"] == pytest.approx(psnr, abs=1e-3)  # 3 decimals
+    assert by_stage["autoencoder"].data.metrics["psnr_db"] == pytest.approx(psnr, abs=1e-3)
+    assert parent.data.metrics["ingest/seconds"] > 0
+    assert all("." not in k and k.count("/") == 1 for k in parent.data.metrics)
+    # Each stage says how its figures compare with the preset's expected ranges (4 steps: off).
+    assert by_stage["ingest"].data.tags["histodiff.expected"].startswith("within the expected range")
+    assert "psnr_db" in by_stage["autoencoder"].data.tags["histodiff.expected"]
+    assert "autoencoder" in parent.data.tags["mlflow.note.content"]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and "mlflow.note.content" in exp.tags
+    assert "gain_balanced_accuracy_points" in exp.tags["mlflow.sharedViewState.histodiff"]
+    # The autoencoder is an MLflow 3 logged model of its run, with a signature and a description.
+    (model,) = client.search_logged_models([exp.experiment_id])
+    assert model.source_run_id == by_stage["autoencoder"].info.run_id and model.name == "autoencoder"
+    assert "KL autoencoder" in model.tags["mlflow.note.content"] and "tiny" in model.tags["mlflow.note.content"]
     assert {"config.yaml", "pipeline_results.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     # The exported autoencoder is registered from its stage's run, alias champion.
     version = client.get_model_version_by_alias(f"{prefix}-autoencoder", "champion")

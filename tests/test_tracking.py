@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 
+import pandas as pd
 import pytest
 
 from histodiff import checkpoint, registry, tracking
@@ -166,7 +167,8 @@ def test_exported_denoiser_is_registered_as_champion_and_loads_back(mlflow_serve
     name = registry.registered_name(cfg.tracking, "denoiser")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # what a user of the registry sets
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    assert loaded.predict(None)["sha256"] == sha
+    assert loaded.predict(registry.input_example()) == {"sha256": sha}
+    assert loaded.metadata.signature is not None and loaded.metadata.model_id
     torch_model = loaded.unwrap_python_model().load_torch()
     assert sum(p.numel() for p in torch_model.parameters()) == sum(p.numel() for p in model.parameters())
     version = _client(mlflow_server).get_model_version_by_alias(name, "champion")
@@ -181,9 +183,13 @@ def test_exported_denoiser_is_registered_as_champion_and_loads_back(mlflow_serve
     with tracking.stage_run(big, "pretrain") as tracker:
         second = registry.register_export(big.tracking, store, tracker, "denoiser", big.paths.denoiser)
     assert second is not None and not second.bundled and second.version == "2"
-    files = [f.path for f in _client(mlflow_server).list_artifacts(tracker.run_id, "models/denoiser/artifacts")]
-    assert files == ["models/denoiser/artifacts/pointer.json"]
-    meta = registry.load_champion(big, "denoiser").predict(None)
+    champion = registry.load_champion(big, "denoiser")
+    client = _client(mlflow_server)
+    model_id = champion.metadata.model_id  # the version's source is this LoggedModel of the stage's run
+    assert client.get_logged_model(model_id).source_run_id == tracker.run_id
+    files = [f.path for f in client.list_logged_model_artifacts(model_id, "artifacts")]
+    assert files == ["artifacts/pointer.json"]
+    meta = champion.predict(pd.DataFrame({"field": []}, dtype=str))
     assert meta["sha256"] == sha2
     assert json.loads(open(os.path.join(meta["model_dir"], "histodiff.json")).read())["kind"] == "denoiser"
 

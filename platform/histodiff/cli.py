@@ -2,26 +2,27 @@
 
 ``histodiff run STAGE|pipeline --config tiny [k=v ...]`` runs on an embedded local Ray;
 ``histodiff submit STAGE|pipeline|sweep --address http://HEAD:8265 ...`` runs the same
-command on a Ray cluster through the job API (see :mod:`histodiff.submit`).
+command on a Ray cluster through the job API (see :mod:`histodiff.submit`). User errors end
+with one line and exit code 2 (:mod:`histodiff.errors`); ``--verbose`` shows everything.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
 from typing import Any
 
-from histodiff.config import ConfigError, HistodiffConfig, load_config
+from histodiff import console
+from histodiff.config import HistodiffConfig, load_config
+from histodiff.errors import EXIT_USER_ERROR, UserError, user_message
 from histodiff.runtime import setup_logging
 
 # Stage names without importing the stages (torch, Ray): the parser must answer in well under a second.
 STAGE_NAMES = ("ingest", "autoencoder", "encode", "pretrain", "pseudolabel", "classifier", "selector", "synthesize",
                "evaluate")
 
-log = logging.getLogger(__name__)
 
 
 def _print_result(result: Any) -> None:
@@ -51,26 +52,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name, stage_result in result.stages.items():
             print(f"== {name} ({result.seconds[name]:.1f} s)")
             _print_result(stage_result)
-        print(mlflow_hint(cfg, result.parent_run_id))
+        print(mlflow_hint(cfg, result.parent_run_id, result.experiment_id))
     else:
         _print_result(run_stage(by_name(args.stage), cfg))
     return 0
 
 
-def mlflow_hint(cfg: HistodiffConfig, parent_run_id: str | None) -> str:
-    """Return where to look in MLflow for this run: the UI command, experiment and run."""
+def mlflow_hint(cfg: HistodiffConfig, parent_run_id: str | None, experiment_id: str | None = None,
+                kind: str = "pipeline") -> str:
+    """Return where to look in MLflow: the exact UI command, the experiment and parent run URLs, the models."""
+    from histodiff import mlflow_ui
     from histodiff.tracking import scrub, tracking_uri
 
     if not cfg.tracking.enabled:
         return "MLflow tracking was off (tracking.enabled=false)."
     uri = tracking_uri(cfg)
+    lines = ["MLflow:"]
     if uri.startswith("sqlite:"):
-        ui = f"mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000"
+        lines.append(f"  start the UI:  {mlflow_ui.ui_command(uri)}")
     else:
-        ui = f"open {scrub(uri)} in a browser"
-    return (f"MLflow: {ui}\n  experiment: {cfg.tracking.experiment}\n"
-            f"  parent run: {cfg.name}/pipeline (id {parent_run_id}); stages are its nested runs\n"
-            f"  registered models: {cfg.tracking.registry_prefix}-<kind>@{cfg.tracking.champion_alias}")
+        lines.append(f"  tracking server: {scrub(uri)}")
+    lines.append(f"  experiment:    {cfg.tracking.experiment}"
+                 + (f"  {mlflow_ui.experiment_url(uri, experiment_id)}" if experiment_id else ""))
+    if parent_run_id:
+        run = f"{cfg.name}/{kind} (id {parent_run_id})"
+        url = f"  {mlflow_ui.run_url(uri, experiment_id, parent_run_id)}" if experiment_id else ""
+        lines.append(f"  parent run:    {run}; stages are its nested runs{url}")
+    lines.append(f"  models:        {cfg.tracking.registry_prefix}-<kind>@{cfg.tracking.champion_alias}")
+    return "\n".join(lines)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -81,15 +90,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     data_root = os.path.dirname(cfg.paths.labeled_source.rstrip("/")) if cfg.paths.labeled_source else None
     data_root = os.path.dirname(data_root) if data_root else "outputs/builtin"
-    log.info("writing the built-in tissue data under %s", data_root)
+    console.say("writing the built-in tissue data under %s", data_root)
     write_builtin_data(data_root)
     result = run_pipeline(cfg)
-    for name, seconds in result.seconds.items():
-        print(f"{name:<12} {seconds:8.1f} s")
+    for name, stage_result in result.stages.items():
+        print(f"{name:<12} {stage_result.seconds:8.1f} s  {stage_result.expected}")
     evaluation = result.stages.get("evaluate")
     if evaluation is not None:
         print(evaluation.table())
-    print(mlflow_hint(cfg, result.parent_run_id))
+    print(mlflow_hint(cfg, result.parent_run_id, result.experiment_id))
     return 0
 
 
@@ -104,7 +113,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     result = sweep.run(cfg)
     print(summary_text(result))
     print(f"results: {result.artifacts.get('results.csv')}  heatmap: {result.artifacts.get('heatmap.png')}")
-    print(mlflow_hint(cfg, result.parent_run_id).replace("/pipeline", "/sweep").replace("stages", "trials"))
+    print(mlflow_hint(cfg, result.parent_run_id, kind="sweep").replace("stages", "trials"))
     # Every trial with synthetic tiles failed: the sweep measured nothing, and says so in its exit code.
     return 1 if result.all_synthetic_failed else 0
 
@@ -113,7 +122,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Submit a stage, the pipeline or the sweep to a Ray cluster; follow its logs."""
     from histodiff.submit import submit
 
-    return submit(args.stage, args.address, args.config, args.overrides, token=args.token, pip=args.pip,
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UserError("submit needs the cluster: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    return submit(args.stage, address, args.config, args.overrides, token=args.token, pip=args.pip,
                   follow=not args.no_wait, space=getattr(args, "space", None))
 
 
@@ -162,25 +174,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (and exit code 2), not the usage block."""
+
+    def error(self, message: str) -> Any:  # argparse's contract: never returns
+        """Print ``histodiff CMD: MESSAGE (see ... --help)`` and exit 2."""
+        print(f"{self.prog}: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("histodiff")
+    except metadata.PackageNotFoundError:  # run from a source tree without an install
+        return "unknown (not installed)"
+
+
+_EXAMPLES = {
+    "run": "example: histodiff run pipeline --config tiny --stages ingest,autoencoder autoencoder.steps=50",
+    "submit": "example: histodiff submit pipeline --config paper --address http://HEAD:8265",
+    "demo": "example: histodiff demo   (then start the MLflow UI with the command it prints)",
+    "sweep": "example: histodiff sweep --config tiny --space tuning/search_space.yaml",
+    "bench": "example: histodiff bench tracking",
+    "tracking": "example: histodiff tracking sync --config tiny   (after the MLflow server is back)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``histodiff`` command."""
-    parser = argparse.ArgumentParser(prog="histodiff", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="histodiff", description="Turn unlabeled pathology tiles into labeled training data "
+                     "(latent diffusion + classifier guidance) on Ray, tracked in MLflow.",
+                     epilog="example: histodiff demo", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"histodiff {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything: library logs, Ray's progress bars, tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     stages = [*STAGE_NAMES, "pipeline"]
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", default="tiny", help="preset name (tiny, paper) or a YAML path")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. denoiser.steps=200")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        """Return the subcommand's parser: its help, one example, and --verbose."""
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=_EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show everything: library logs, Ray's progress bars, tracebacks")
+        return p
 
-    p = sub.add_parser("run", help="run a stage or the whole pipeline on a local (embedded) Ray")
-    p.add_argument("stage", choices=stages)
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default="tiny", help="preset name (tiny, paper) or a YAML path (default: tiny)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="optional dotted overrides of the config, e.g. denoiser.steps=200")
+
+    p = command("run", "run a stage or the whole pipeline on a local (embedded) Ray")
+    p.add_argument("stage", choices=stages, metavar="STAGE", help=f"one of: {', '.join(stages)}")
     p.add_argument("--stages", default=None, help="pipeline only: comma-separated subset, e.g. ingest,autoencoder")
     common(p)
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("submit", help="submit a stage, the pipeline or the sweep to a Ray cluster")
-    p.add_argument("stage", choices=[*stages, "sweep"])
-    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    p = command("submit", "submit a stage, the pipeline or the sweep to a Ray cluster")
+    p.add_argument("stage", choices=[*stages, "sweep"], metavar="STAGE", help=f"one of: {', '.join(stages)}, sweep")
+    p.add_argument("--address", default=None, help="Ray dashboard address, e.g. http://HEAD:8265 "
+                   "(default: $RAY_ADDRESS)")
     p.add_argument("--token", default=None, help="Ray auth token (default: $RAY_AUTH_TOKEN or ~/.ray/auth_token)")
     p.add_argument("--pip", action="store_true", help="also install the package's dependencies on the cluster")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without following logs")
@@ -188,21 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(fn=cmd_submit)
 
-    p = sub.add_parser("demo", help="built-in data + the whole pipeline on the tiny preset")
+    p = command("demo", "write the built-in data and run the whole pipeline on the tiny preset")
     common(p)
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("sweep", help="Ray Tune sweep of guidance scale x selection threshold")
+    p = command("sweep", "Ray Tune sweep of guidance scale x selection threshold")
     p.add_argument("--space", default=None, help="search-space YAML, e.g. tuning/search_space.yaml")
     common(p)
     p.set_defaults(fn=cmd_sweep)
 
-    p = sub.add_parser("tracking", help="send tracking calls that waited while the MLflow server was down")
+    p = command("tracking", "send tracking calls that waited while the MLflow server was down")
     p.add_argument("action", choices=["sync"])
     common(p)
     p.set_defaults(fn=cmd_tracking)
 
-    p = sub.add_parser("bench", help="run benchmarks (from a checkout) and merge them into bench/results.json")
+    p = command("bench", "run benchmarks (from a checkout) and merge them into bench/results.json")
     p.add_argument("area", nargs="?", default=None, help="one area (a module in bench/areas/); default all")
     p.add_argument("--output", default="bench/results.json")
     p.add_argument("--workdir", default="bench/_work")
@@ -221,31 +276,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Return the parsed command line; overrides may come before or after the options."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
-    if unknown or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    options = [e for e in extra if e.startswith("-")]
+    if options or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized argument(s): {' '.join(options or extra)}")
+    for item in extra:
+        if "=" not in item:
+            parser.error(f"override {item!r} has no '=': write it as {item}=VALUE")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    for item in getattr(args, "overrides", []):
+        if "=" not in item:
+            parser.error(f"override {item!r} has no '=': write it as {item}=VALUE")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``histodiff`` console script; return the exit code."""
+    """Entry point of the ``histodiff`` console script; return the exit code (2: a user error)."""
     args = parse_args(argv)
-    setup_logging()
+    verbose = bool(getattr(args, "verbose", False))
+    setup_logging(verbose)
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         return args.fn(args)
-    except ConfigError as exc:
-        print(f"histodiff: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        from histodiff.storage import StorageError  # not at the top: pyarrow would slow every --help
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None:
+            raise  # a bug: keep the traceback
+        if verbose:
+            import traceback
 
-        if not isinstance(exc, StorageError):
-            raise
-        print(f"histodiff: {exc}", file=sys.stderr)  # names the URI and the fix; secrets already redacted
-        return 1
+            traceback.print_exc()
+        print(f"histodiff: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

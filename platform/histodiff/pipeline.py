@@ -12,8 +12,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from histodiff import tracking
+from histodiff import headline, mlflow_ui, tracking
 from histodiff.config import HistodiffConfig
+from histodiff.errors import UserError
+from histodiff.expected import WITHIN
 from histodiff.runner import resumable_run, run_stage
 from histodiff.stages import NAMES, STAGES
 from histodiff.storage import Store
@@ -30,6 +32,8 @@ class PipelineResult:
     registered: list[str] = field(default_factory=list)
     parent_run_id: str | None = None
     experiment: str = ""
+    experiment_id: str | None = None
+    figures: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> headline figures
 
 
 def resolve_stages(stages: list[str] | None) -> list[str]:
@@ -38,7 +42,7 @@ def resolve_stages(stages: list[str] | None) -> list[str]:
         return list(NAMES)
     unknown = [s for s in stages if s not in NAMES]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(NAMES)}")
+        raise UserError(f"--stages: unknown stage {', '.join(map(repr, unknown))}; choose from {','.join(NAMES)}")
     return [s for s in NAMES if s in stages]
 
 
@@ -51,13 +55,21 @@ def run_pipeline(cfg: HistodiffConfig, stages: list[str] | None = None) -> Pipel
     with resumable_run(cfg, Store(cfg.storage), f"pipeline-{cfg.name}", f"{cfg.fingerprint()}:{','.join(names)}",
                        opener) as parent:
         out.parent_run_id = parent.run_id
+        out.experiment_id = mlflow_ui.prepare_experiment(parent, cfg)
         for i, (stage, name) in enumerate((s, n) for s, n in zip(STAGES, NAMES) if n in names):
-            log.info("pipeline stage %d/%d: %s", i + 1, len(names), name)
-            result = run_stage(stage, cfg, parent_run_id=parent.run_id)
+            result = run_stage(stage, cfg, parent_run_id=parent.run_id, position=f"{i + 1}/{len(names)}")
             out.stages[name], out.seconds[name] = result, result.seconds
             out.registered += result.registered
-            # The parent shows every stage's headline numbers, so one run answers "how did it go".
-            parent.log_metrics({f"{name}.{k}": v for k, v in tracking.result_metrics(result).items()}, step=i)
+            # The parent shows every stage's key figures as stage/name, so one run answers "how did it go".
+            out.figures[name] = headline.figures(name, result)
+            parent.log_metrics({headline.parent_name(name, k): v for k, v in out.figures[name].items()})
+        verdicts = {n: r.expected for n, r in out.stages.items() if r.expected}
+        off = [n for n, v in verdicts.items() if v.startswith("OFF")]
+        judged = [n for n, v in verdicts.items() if v.startswith(("OFF", WITHIN))]
+        overall = f"OFF in {', '.join(off)}" if off else \
+            f"{WITHIN} ({len(judged)} stage(s) judged)" if judged else "no expected range for this preset"
+        parent.set_tags({mlflow_ui.NOTE_TAG: mlflow_ui.parent_note(cfg, out.stages, out.figures, verdicts),
+                         mlflow_ui.EXPECTED_TAG: overall})
         parent.log_dict({"stages": {k: dataclasses.asdict(v) for k, v in out.stages.items()},
                          "seconds": out.seconds, "registered": out.registered,
                          "config_fingerprint": cfg.fingerprint()}, "pipeline_results.json")

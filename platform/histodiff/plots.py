@@ -56,8 +56,9 @@ def line_figure(series: Mapping[str, Mapping[Any, float]], xlabel: str, ylabel: 
     return fig
 
 
-def acceptance_figure(report: Mapping[str, Mapping[str, Any]], threshold: float | None) -> Any:
-    """Return per-class histograms of the selector's score, with the threshold and the counts in each title."""
+def acceptance_figure(report: Mapping[str, Mapping[str, Any]], threshold: float | None,
+                      quota: int | None = None) -> Any:
+    """Return per-class histograms of the selector's score: threshold, selectivity and quota fill in each title."""
     plt = _plt()
     n = max(1, len(report))
     cols = min(n, 4)
@@ -71,8 +72,11 @@ def acceptance_figure(report: Mapping[str, Mapping[str, Any]], threshold: float 
             ax.axvline(threshold, color="tab:red", ls="--", label=f"threshold {threshold:g}")
             ax.legend(fontsize=7, loc="upper left")
         passed = r.get("passed_rule", r["accepted"])
-        ax.set_title(f"{c}: {passed}/{r['generated']} passed, {r['accepted']} kept", fontsize=9)
+        selectivity = 100 * passed / r["generated"] if r["generated"] else 0.0
+        ax.set_title(f"{c}: {passed}/{r['generated']} passed ({selectivity:.0f}% selectivity)\n"
+                     f"{r['accepted']} kept" + (f" of quota {quota}" if quota else ""), fontsize=9)
         ax.set(xlabel="selector score p(target)", ylabel="generated tiles", xlim=(0, 1))
+    fig.suptitle("selector scores of the generated tiles; selectivity = passed / generated", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -105,6 +109,19 @@ def labeled_grid_figure(rows: Sequence[tuple[str, np.ndarray]], title: str, scal
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def image_figure(image: np.ndarray, title: str, scale: int = 4) -> Any:
+    """Return a titled figure of one HWC uint8 image (e.g. a sample grid), upscaled ``scale`` times."""
+    plt = _plt()
+    image = np.asarray(image).repeat(scale, axis=0).repeat(scale, axis=1)
+    h, w = image.shape[:2]
+    fig, ax = plt.subplots(figsize=(max(3.0, w / 100), max(3.0, h / 100) + 0.4))
+    ax.imshow(image, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
 

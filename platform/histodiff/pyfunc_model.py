@@ -3,7 +3,9 @@
 The registered model holds either the exported directory itself (small models) or a
 pointer to it in storage (``pointer.json``: URI + sha256), so large weights are never
 uploaded twice. ``mlflow.pyfunc.load_model("models:/histodiff-denoiser@champion")``
-returns a model whose ``unwrap_python_model()`` gives :class:`ExportedModel`.
+returns a model whose ``unwrap_python_model()`` gives :class:`ExportedModel`;
+``predict(pd.DataFrame({"field": ["sha256"]}))`` returns ``{"sha256": ...}`` and an empty
+``field`` column all the metadata.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 from mlflow.models import set_model
 
 # Classes for the kinds whose exports are plain diffusers models; other kinds name their
@@ -54,9 +57,16 @@ class ExportedModel(mlflow.pyfunc.PythonModel):
         model.eval()
         return model
 
-    def predict(self, context, model_input, params=None):
-        """Return the export's metadata (kind, sha256, local dir); weights via ``load_torch()``."""
-        return {**self.meta, "model_dir": self.model_dir}
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # DataFrame: MLflow infers no schema
+        """Return the export's metadata (kind, sha256, local dir), or the fields that ``model_input`` names.
+
+        The input is a DataFrame with an optional ``field`` column (the signature); weights come
+        from ``load_torch()``.
+        """
+        meta = {**self.meta, "model_dir": self.model_dir}
+        columns = getattr(model_input, "columns", ())
+        fields = [f for f in model_input["field"].tolist() if f] if "field" in columns else []
+        return {f: meta.get(f) for f in fields} if fields else meta
 
 
 set_model(ExportedModel())

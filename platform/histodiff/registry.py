@@ -1,14 +1,16 @@
 """MLflow model registry for the exported models: log, register, alias ``champion``.
 
-Each export (``histodiff.checkpoint.export_model``) becomes a pyfunc model
-(:mod:`histodiff.pyfunc_model`) registered as ``<registry_prefix>-<kind>`` with the alias
-``tracking.champion_alias``. Exports up to ``tracking.max_model_upload_mb`` are copied into
+Each export (``histodiff.checkpoint.export_model``) becomes an MLflow 3 LoggedModel of the stage's
+run (a pyfunc model, :mod:`histodiff.pyfunc_model`, with a signature, an input example and a
+description), registered as ``<registry_prefix>-<kind>`` with the alias
+``tracking.champion_alias``; the version points at the LoggedModel. Exports up to ``tracking.max_model_upload_mb`` are copied into
 MLflow; larger ones stay in storage and MLflow keeps their URI and sha256 (a pointer), so
 gigabytes are never uploaded twice. Registering the same sha256 again is a no-op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 from histodiff import checkpoint
 from histodiff.config import HistodiffConfig, TrackingConfig
@@ -25,6 +28,13 @@ from histodiff.tracker import Tracker, scrub
 log = logging.getLogger(__name__)
 
 _REQUIREMENTS = ("torch", "diffusers", "timm", "safetensors", "pyarrow", "mlflow")
+# What each kind is, for the registry's descriptions (the UI shows them on the model's page).
+KIND_DESCRIPTIONS = {
+    "autoencoder": "KL autoencoder (diffusers AutoencoderKL): encodes tiles to latents and decodes them back.",
+    "denoiser": "Unconditional latent denoiser (diffusers UNet2DModel, EMA weights): DDIM sampling of new latents.",
+    "latent-classifier": "Noisy-latent classifier: its gradient guides sampling toward a chosen class.",
+    "selector": "Tile classifier (timm): keeps the synthetic tiles that confidently match their target class.",
+}
 
 
 @dataclass
@@ -65,8 +75,25 @@ def _champion_sha(client, name: str, alias: str) -> str | None:
         return None
 
 
+def model_signature():
+    """Return the pyfunc signature: optional metadata field names in, the export's metadata out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "field", required=False)]),
+                          outputs=Schema([ColSpec("string", "kind"), ColSpec("string", "sha256"),
+                                          ColSpec("string", "model_dir")]))
+
+
+def input_example():
+    """Return the pyfunc input example: ask for the export's sha256."""
+    import pandas as pd
+
+    return pd.DataFrame({"field": ["sha256"]})
+
+
 def register_export(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker, kind: str,
-                    uri: str) -> RegisteredModel | None:
+                    uri: str, description: str = "") -> RegisteredModel | None:
     """Log one export as a pyfunc model in the tracker's run and alias it champion; return it.
 
     Returns None when tracking or registration is off, the export is incomplete, the same
@@ -79,7 +106,7 @@ def register_export(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker
         checkpoint.model_meta(uri, store)
     except FileNotFoundError:
         return None
-    call = {"op": "register", "kind": kind, "uri": uri,
+    call = {"op": "register", "kind": kind, "uri": uri, "description": description,
             "tracking": tracking_cfg.model_dump(include={"registry_prefix", "champion_alias", "max_model_upload_mb"})}
     if not tracker.ready():
         tracker.defer(call)
@@ -87,7 +114,7 @@ def register_export(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker
                     registered_name(tracking_cfg, kind))
         return None
     try:
-        return _register_checked(tracking_cfg, store, tracker, kind, uri)
+        return _register_checked(tracking_cfg, store, tracker, kind, uri, description)
     except Exception as exc:  # the registry must never fail a finished stage
         if not tracker.reachable():
             tracker.defer(call)
@@ -100,11 +127,12 @@ def register_export(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker
 def register_now(call: dict, tracker: Tracker) -> RegisteredModel | None:
     """Make a registration that waited for the server (a buffered ``register`` call); raise on failure."""
     tracking_cfg = TrackingConfig(**call["tracking"])
-    return _register_checked(tracking_cfg, tracker.store or Store(), tracker, call["kind"], call["uri"])
+    return _register_checked(tracking_cfg, tracker.store or Store(), tracker, call["kind"], call["uri"],
+                             call.get("description", ""))
 
 
 def _register_checked(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker, kind: str,
-                      uri: str) -> RegisteredModel | None:
+                      uri: str, description: str = "") -> RegisteredModel | None:
     meta = checkpoint.model_meta(uri, store)
     name = registered_name(tracking_cfg, kind)
     alias = tracking_cfg.champion_alias
@@ -112,14 +140,17 @@ def _register_checked(tracking_cfg: TrackingConfig, store: Store, tracker: Track
     if sha and _champion_sha(tracker.client, name, alias) == sha:
         log.info("%s@%s already holds sha256 %s; not registering again", name, alias, sha[:12])
         return None
-    return _register(tracking_cfg, store, tracker, kind, uri, meta, name, alias, sha)
+    return _register(tracking_cfg, store, tracker, kind, uri, meta, name, alias, sha, description)
 
 
 def _register(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker, kind: str, uri: str, meta: dict,
-              name: str, alias: str, sha: str) -> RegisteredModel:
+              name: str, alias: str, sha: str, description: str) -> RegisteredModel:
     import mlflow.pyfunc
+    from mlflow.models import Model
 
     client = tracker.client
+    what = KIND_DESCRIPTIONS.get(kind, f"histodiff {kind} model.")
+    text = f"{what} {description}".strip()
     with tempfile.TemporaryDirectory(prefix="histodiff-register-") as tmp:
         local = store.download_dir(uri, os.path.join(tmp, "export"))
         bundled = _export_size_mb(local) <= tracking_cfg.max_model_upload_mb
@@ -130,29 +161,47 @@ def _register(tracking_cfg: TrackingConfig, store: Store, tracker: Tracker, kind
             with open(pointer, "w") as f:
                 json.dump({"uri": uri, "sha256": sha, "kind": kind}, f)
             artifacts = {"pointer": pointer}
-        model_dir = os.path.join(tmp, "mlflow-model")
-        package_dir = Path(__file__).resolve().parent
-        mlflow.pyfunc.save_model(
-            model_dir,
-            python_model=str(package_dir / "pyfunc_model.py"),
-            artifacts=artifacts,
-            pip_requirements=pip_requirements(),
-            metadata={"histodiff_kind": kind, "sha256": sha},
-        )
-        artifact_path = f"models/{kind}"
-        client.log_artifacts(tracker.run_id, model_dir, artifact_path)
-    try:
-        client.create_registered_model(name)
-    except Exception:  # already exists
-        pass
-    tags = {"histodiff.sha256": sha, "histodiff.uri": scrub(uri), "histodiff.bundled": str(bundled)}
-    version = client.create_model_version(name, source=f"runs:/{tracker.run_id}/{artifact_path}",
-                                          run_id=tracker.run_id, tags=tags)
+        tags = {"histodiff.sha256": sha, "histodiff.uri": scrub(uri), "histodiff.bundled": str(bundled)}
+        run = client.get_run(tracker.run_id)
+        # Created here, not by Model.log: that one files it under the process's active experiment (Default).
+        logged = client.create_logged_model(run.info.experiment_id, name=kind, source_run_id=tracker.run_id,
+                                            tags={**tags, "mlflow.note.content": text}, params=run.data.params,
+                                            model_type=f"histodiff-{kind}")
+        # MLflow's model logging resolves the store from the process-wide URI: scope it to this call.
+        with _scoped_tracking_uri(tracker.tracking_uri):
+            info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, model_id=logged.model_id,
+                             run_id=tracker.run_id, python_model=str(Path(__file__).resolve().parent / "pyfunc_model.py"),
+                             artifacts=artifacts, pip_requirements=pip_requirements(),
+                             signature=model_signature(), input_example=input_example(),
+                             metadata={"histodiff_kind": kind, "sha256": sha})
+            try:
+                client.create_registered_model(name, description=what)
+            except Exception:  # already exists
+                pass
+            version = client.create_model_version(name, source=info.model_uri, run_id=tracker.run_id, tags=tags,
+                                                  description=text, model_id=info.model_id)
     client.set_registered_model_alias(name, alias, version.version)
     tracker.set_tags({f"histodiff.model.{kind}.uri": uri, f"histodiff.model.{kind}.sha256": sha})
-    log.info("registered %s version %s (@%s, %s)", name, version.version, alias,
-             "bundled" if bundled else "pointer to storage")
+    log.info("registered %s version %s (@%s, %s, logged model %s)", name, version.version, alias,
+             "bundled" if bundled else "pointer to storage", info.model_id)
     return RegisteredModel(name, str(version.version), sha, uri, bundled)
+
+
+@contextlib.contextmanager
+def _scoped_tracking_uri(uri: str) -> Iterator[None]:
+    """Use ``uri`` as MLflow's process-wide URI inside the block; restore it and MLFLOW_TRACKING_URI after."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    # MLflow's own restore unsets the variable when no URI was set in code: a cluster's setting would vanish.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def load_champion(cfg: HistodiffConfig, kind: str):

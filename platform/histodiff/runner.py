@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict
 
-from histodiff import registry, tracking
+from histodiff import console, expected, headline, mlflow_ui, registry, tracking
 from histodiff.config import HistodiffConfig, RayConfig, TrackingConfig
 from histodiff.storage import Store, join
 
@@ -55,6 +55,7 @@ class StageResult:
     seconds: float = 0.0
     skipped: bool = False
     registered: list[str] = field(default_factory=list)
+    expected: str = ""  # how the figures compare with the preset's expected ranges (histodiff.expected)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Context:
     name: str = "demo"
     checkpoints_uri: str = ""
     callbacks: tuple[Callable[..., None], ...] = ()  # training-loop callbacks (tests inject faults here)
+    stage: str = ""  # the stage's name: labels its progress lines
 
     def run_uri(self, run_name: str) -> str:
         """Return where a training stage's Ray Train run (its checkpoints) lives."""
@@ -125,28 +127,38 @@ def finished(stage: ModuleType, spec: Spec, store: Store) -> Any | None:
 
 
 def run_stage(stage: ModuleType, cfg: HistodiffConfig, *, parent_run_id: str | None = None,
-              callbacks: tuple[Callable[..., None], ...] = ()) -> Any:
+              callbacks: tuple[Callable[..., None], ...] = (), position: str = "") -> Any:
     """Run one stage (or skip it when finished with the same spec); return its result with its MLflow run id."""
     from histodiff.runtime import init_ray
 
     name = stage_name(stage)
+    label = f"{name} ({position})" if position else name
     start = time.perf_counter()
     store = Store(cfg.storage)
     spec = stage.spec(cfg, store)  # reads and checks the inputs: before any Ray or MLflow resource
     tracking.sync_pending(cfg, store)
     done = finished(stage, spec, store)
     if done is not None:
-        log.info("%s: finished earlier with the same spec (%s); skipping", name, fingerprint(stage, spec))
+        console.say("%s: finished earlier with the same spec (%s); skipped", label, fingerprint(stage, spec))
         return dataclasses.replace(done, seconds=round(time.perf_counter() - start, 3))
+    console.say("%s: started", label)
     init_ray(cfg)
     key = f"{name}-{hashlib.sha256(spec.output_uri.encode()).hexdigest()[:10]}"
     opener = functools.partial(tracking.stage_run, cfg, name, params=spec_params(spec), parent_run_id=parent_run_id)
     with resumable_run(cfg, store, key, fingerprint(stage, spec), opener) as tracker:
-        ctx = Context(store, cfg.ray, tracker, cfg.name, cfg.paths.checkpoints, callbacks)
+        tracker.set_tags(mlflow_ui.stage_tags(name))
+        if parent_run_id is None:  # `histodiff run STAGE`: the experiment may be new, so it gets its UI setup here
+            mlflow_ui.prepare_experiment(tracker, cfg)
+        ctx = Context(store, cfg.ray, tracker, cfg.name, cfg.paths.checkpoints, callbacks, stage=name)
         result = stage.work(spec, ctx)
-        registered = register_models(stage, result, store, cfg.tracking, tracker)
+        result = _judge(name, cfg.name, result, tracker)
+        about = f"Preset `{cfg.name}`, stage `{name}`: {headline.summary_text(name, headline.figures(name, result))}" \
+            f" ({result.expected})."
+        registered = register_models(stage, result, store, cfg.tracking, tracker, about)
         result = dataclasses.replace(result, run_id=tracker.run_id, seconds=round(time.perf_counter() - start, 3),
                                      registered=registered)
+        console.say("%s: done in %s; %s; %s", label, console.duration(result.seconds),
+                    headline.summary_text(name, headline.figures(name, result)) or "no figures", result.expected)
         store.write_json(join(spec.output_uri, MARKER), {
             "stage": name, "version": stage.VERSION, "fingerprint": fingerprint(stage, spec),
             "run_id": tracker.run_id, "result": dataclasses.asdict(result)})
@@ -181,12 +193,24 @@ def resumable_run(cfg: HistodiffConfig, store: Store, key: str, fp: str,
         store.delete(uri)
 
 
+def _judge(name: str, preset: str, result: Any, tracker: tracking.Tracker) -> Any:
+    """Log the stage's key figures, compare them with the preset's expected ranges; return the judged result."""
+    figures = headline.figures(name, result)
+    tracker.log_metrics(figures)
+    verdict = expected.check(preset, name, figures).text()
+    note = f"Stage `{name}` of preset `{preset}`: {headline.summary_text(name, figures, limit=8) or 'no figures'}." \
+        f"\n\nExpected range: {verdict}."
+    tracker.set_tags({mlflow_ui.EXPECTED_TAG: verdict, mlflow_ui.NOTE_TAG: note})
+    return dataclasses.replace(result, expected=verdict)
+
+
 def register_models(stage: ModuleType, result: Any, store: Store, tracking_cfg: TrackingConfig,
-                    tracker: tracking.Tracker) -> list[str]:
+                    tracker: tracking.Tracker, description: str = "") -> list[str]:
     """Register the models a stage exported (``MODELS``: kind -> result field with the URI); return names."""
     out = []
     for kind, uri_field in getattr(stage, "MODELS", {}).items():
-        registered = registry.register_export(tracking_cfg, store, tracker, kind, getattr(result, uri_field))
+        registered = registry.register_export(tracking_cfg, store, tracker, kind, getattr(result, uri_field),
+                                              description)
         if registered is not None:
             out.append(f"{registered.name}/{registered.version}")
     return out

@@ -67,11 +67,11 @@ def worker_setup() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Configure the root logger once, with a compact format."""
-    if logging.getLogger().handlers:
-        return
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def setup_logging(verbose: bool = False) -> None:
+    """Configure the console once: histodiff's lines, libraries quiet unless ``verbose``."""
+    from histodiff import console
+
+    console.setup(verbose)
 
 
 def worker_env(storage_cfg: StorageConfig | None = None, tracking_uri: str | None = None) -> dict[str, str]:
@@ -84,6 +84,13 @@ def worker_env(storage_cfg: StorageConfig | None = None, tracking_uri: str | Non
     # Ray writes runtime_env into its logs: no URL carries its user:password@ there.
     env = {k: strip_userinfo(v) for k, v in env.items()}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from histodiff import console
+
+    # Workers print their own warnings and progress bars: the same quiet (or verbose) settings reach them.
+    for key, value in console.quiet_env().items():
+        env.setdefault(key, os.environ.get(key, value))
+    if console.verbose():
+        env[console.VERBOSE_ENV] = "1"
     return env
 
 
@@ -97,6 +104,9 @@ def absolute_tracking_uri(uri: str) -> str:
 
 def init_ray(cfg: HistodiffConfig, **extra: Any) -> None:
     """Connect to (or start) Ray with the worker environment; a no-op if already connected."""
+    from histodiff import console
+
+    console.quiet_libraries()  # sets Ray's variables before Ray reads them
     import ray
 
     if ray.is_initialized():
@@ -110,18 +120,21 @@ def init_ray(cfg: HistodiffConfig, **extra: Any) -> None:
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", keys[1])
     runtime_env = {"env_vars": worker_env(cfg.storage, cfg.tracking.tracking_uri if cfg.tracking.enabled else None),
                    "worker_process_setup_hook": f"{__name__}.worker_setup"}
+    extra.setdefault("logging_level", logging.INFO if console.verbose() else logging.ERROR)
     if cfg.ray.address:
         log.info("connecting to Ray at %s", cfg.ray.address)
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True, **extra)
-        return
-    log.info("starting an embedded local Ray (num_cpus=%s)", cfg.ray.num_cpus or "all")
-    ray.init(
-        num_cpus=cfg.ray.num_cpus,
-        include_dashboard=False,
-        runtime_env=runtime_env,
-        log_to_driver=True,
-        **extra,
-    )
+    else:
+        log.info("starting an embedded local Ray (num_cpus=%s)", cfg.ray.num_cpus or "all")
+        ray.init(
+            num_cpus=cfg.ray.num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+            **extra,
+        )
+    console.quiet_libraries()  # again: importing Ray (Data) set its own logger levels
+    console.filter_worker_output()
 
 
 def set_worker_threads(threads: int | None) -> None:

@@ -13,14 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from histodiff.config import ConfigError, load_config, resolve_preset
 from histodiff.redaction import strip_userinfo
 from histodiff.runtime import SETTINGS_ENV
+from histodiff.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +118,27 @@ async def _follow(client, job_id: str) -> None:
         sys.stdout.flush()
 
 
+def _client(address: str, token: str | None) -> Any:
+    """Return a job client connected to ``address``, or raise a UserError naming the address and the fix."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers(token))
+    except Exception as exc:  # Ray raises ConnectionError, ValueError or its own AuthenticationError
+        if "Authentication" in type(exc).__name__:
+            raise UserError(f"the Ray cluster at --address {address!r} refused the auth token; pass --token or set "
+                            "RAY_AUTH_TOKEN") from exc
+        raise UserError(f"cannot reach the Ray cluster at --address {address!r} ({type(exc).__name__}); check the "
+                        "address (or RAY_ADDRESS) and that the head's dashboard port (8265) answers") from exc
+
+
 def submit(stage: str, address: str, config: str, overrides: list[str], token: str | None = None,
            pip: bool = False, follow: bool = True, space: str | None = None) -> int:
     """Submit the job, print its id, follow its logs; return 0 when it succeeded (or was not followed)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     cfg = load_config(config, overrides)  # fail here, not on the cluster
+    client = _client(address, token)
     if cfg.tracking.enabled and cfg.tracking.tracking_uri.startswith("sqlite") and \
             not os.environ.get("MLFLOW_TRACKING_URI"):
         log.warning("tracking.tracking_uri is %s: on a cluster that file lives in the job's temporary "
@@ -129,7 +147,6 @@ def submit(stage: str, address: str, config: str, overrides: list[str], token: s
         log.warning("paths.root=%s is relative: the job writes under its temporary working directory on the "
                     "cluster; use paths.root=s3://BUCKET/PREFIX", cfg.paths.root)
     command = entrypoint(stage, config, overrides, space)
-    client = JobSubmissionClient(address, headers=auth_headers(token))
     job_id = None
     for attempt in range(30):  # a head that just started has no job agent yet: Ray says "try again later"
         try:
@@ -137,9 +154,16 @@ def submit(stage: str, address: str, config: str, overrides: list[str], token: s
                                        metadata={"histodiff.stage": stage, "histodiff.name": cfg.name})
             break
         except (RuntimeError, ConnectionError, OSError) as exc:
+            if re.search(r"(?i)\b(401|403)\b|unauthori[sz]ed|forbidden|auth", str(exc)):
+                raise UserError(f"the Ray cluster at --address {address!r} refused the auth token; pass --token or "
+                                "set RAY_AUTH_TOKEN") from exc
             # requests' ConnectionError is an OSError: a head under load may drop the upload.
             transient = "No available agent" in str(exc) or isinstance(exc, OSError)
             if not transient or attempt == 29:
+                if isinstance(exc, OSError):
+                    raise UserError(f"the Ray cluster at --address {address!r} stopped answering while taking the "
+                                    f"job ({type(exc).__name__}); check that its head is up, then submit again") \
+                        from exc
                 raise
             log.info("the cluster is not ready to take the job (%s); retrying (%d/30)", type(exc).__name__, attempt + 1)
             time.sleep(2)

@@ -175,7 +175,7 @@ class SynthesisWorker:
 
 def generate_all(plan: SynthesisPlan, workers: list[Any], use_ray: bool) -> dict[str, list[dict]]:
     """Return per class the judged batches, in batch order, up to the one that reaches the quota."""
-    from tqdm.auto import tqdm
+    from histodiff import console
 
     n_batches = math.ceil(plan.max_samples_per_class / plan.batch_size)
     results: dict[str, dict[int, dict]] = {c: {} for c in plan.classes}
@@ -192,7 +192,10 @@ def generate_all(plan: SynthesisPlan, workers: list[Any], use_ray: bool) -> dict
                 return True
         return True
 
-    bar = tqdm(total=len(plan.classes) * plan.max_samples_per_class, desc="synthesis", unit="tile")
+    # Counts generated tiles against the most the plan may generate; reaching every class's quota
+    # early is the normal end, and the closing line says so rather than stopping at 67%.
+    bar = console.Progress("synthesize", len(plan.classes) * plan.max_samples_per_class, "tiles")
+    generated = 0
     while True:
         todo = []
         for c in plan.classes:
@@ -209,8 +212,11 @@ def generate_all(plan: SynthesisPlan, workers: list[Any], use_ray: bool) -> dict
             outs = [workers[0].generate(it) for it in todo]
         for out in outs:
             results[out["class"]][out["batch"]] = out
-            bar.update(len(out["seeds"]))
-    bar.close()
+            generated += len(out["seeds"])
+            passed = sum(int(b["passed"].sum()) for r in results.values() for b in r.values())
+            bar.update(generated, {"passed": passed, "selectivity_pct": 100 * passed / generated})
+    early = generated < bar.total
+    bar.finish(f"quota reached after {generated} generated tiles" if early else "all batches generated")
     kept: dict[str, list[dict]] = {}
     for c in plan.classes:
         kept[c], passed = [], 0

@@ -221,7 +221,8 @@ def ingest_set(name: str, items: list[tuple[str, str | None, str]], out_uri: str
                settings: IngestSettings) -> tuple[shards.Manifest, bool]:
     """Return (manifest, reused) after writing one shard directory (and its skip report) from the listed items."""
     import ray
-    from tqdm.auto import tqdm
+
+    from histodiff.console import Progress
 
     fingerprint = items_fingerprint(items, settings)
     if store.exists(join(out_uri, shards.MANIFEST)):
@@ -256,40 +257,40 @@ def ingest_set(name: str, items: list[tuple[str, str | None, str]], out_uri: str
             next_submit += 1
 
     writes = []
-    with tqdm(total=len(items), desc=f"ingest {name}", unit="file") as bar:
-        for i, chunk in enumerate(chunks):
-            if i in done:
-                rec = done[i]
-                stats = rec["stats"]
-                for sha, src in zip(rec["kept_sha1"], rec.get("kept_source", [])):
-                    first_of.setdefault(sha, src)
-            else:
-                # Keep a bounded window of chunks in flight ahead of the in-order consumer.
-                submit_until(i + window)
-                table_ref, stats_ref = futures.pop(i)
-                raw = ray.get(stats_ref)
-                keep, dups = [], []
-                for sha, src in zip(raw["sha1"], raw["source"]):
-                    keep.append(sha not in first_of)
-                    if keep[-1]:
-                        first_of[sha] = src
-                    else:
-                        dups.append([src, "duplicate", f"same pixels as {first_of[sha]}"])
-                stats = {"skipped_files": raw["skipped_files"] + dups, "converted_files": raw["converted_files"]}
-                kept_sha1 = [sha for sha, k in zip(raw["sha1"], keep) if k]
-                kept_source = [src for src, k in zip(raw["source"], keep) if k]
-                shard = shards.shard_name(i) if kept_sha1 else None
-                rec = {"fingerprint": fingerprint, "shard": shard, "kept_sha1": kept_sha1, "kept_source": kept_source,
-                       "stats": stats}
-                writes.append(write.remote(table_ref, keep, join(out_uri, shard) if shard else None,
-                                           join(out_uri, PROGRESS_DIR, f"chunk-{i:05d}.json"), rec, store))
-            if rec["shard"]:
-                shard_names.append(rec["shard"])
-            report["seen"] += len(chunk)
-            report["written"] += len(rec["kept_sha1"])
-            _report_add(report, stats, files)
-            _check_bad(name, report, len(items), settings.max_bad_fraction)
-            bar.update(len(chunk))
+    bar = Progress(f"ingest {name}", len(items), "files")
+    for i, chunk in enumerate(chunks):
+        if i in done:
+            rec = done[i]
+            stats = rec["stats"]
+            for sha, src in zip(rec["kept_sha1"], rec.get("kept_source", [])):
+                first_of.setdefault(sha, src)
+        else:
+            # Keep a bounded window of chunks in flight ahead of the in-order consumer.
+            submit_until(i + window)
+            table_ref, stats_ref = futures.pop(i)
+            raw = ray.get(stats_ref)
+            keep, dups = [], []
+            for sha, src in zip(raw["sha1"], raw["source"]):
+                keep.append(sha not in first_of)
+                if keep[-1]:
+                    first_of[sha] = src
+                else:
+                    dups.append([src, "duplicate", f"same pixels as {first_of[sha]}"])
+            stats = {"skipped_files": raw["skipped_files"] + dups, "converted_files": raw["converted_files"]}
+            kept_sha1 = [sha for sha, k in zip(raw["sha1"], keep) if k]
+            kept_source = [src for src, k in zip(raw["source"], keep) if k]
+            shard = shards.shard_name(i) if kept_sha1 else None
+            rec = {"fingerprint": fingerprint, "shard": shard, "kept_sha1": kept_sha1, "kept_source": kept_source,
+                   "stats": stats}
+            writes.append(write.remote(table_ref, keep, join(out_uri, shard) if shard else None,
+                                       join(out_uri, PROGRESS_DIR, f"chunk-{i:05d}.json"), rec, store))
+        if rec["shard"]:
+            shard_names.append(rec["shard"])
+        report["seen"] += len(chunk)
+        report["written"] += len(rec["kept_sha1"])
+        _report_add(report, stats, files)
+        _check_bad(name, report, len(items), settings.max_bad_fraction)
+        bar.update(report["seen"])
     ray.get(writes)
     if report["written"] == 0:
         raise IngestError(f"{name}: none of the {len(items)} files gave a usable tile (report: {report}); "

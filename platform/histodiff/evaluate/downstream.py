@@ -190,7 +190,15 @@ def ray_runner(num_cpus: float, use_gpu: bool) -> Runner:
                 return shared[id(arg)]
             return arg
 
-        return ray.get([task.remote(*(ref(a) for a in job)) for job in jobs])
+        from histodiff import console
+
+        refs = [task.remote(*(ref(a) for a in job)) for job in jobs]
+        # Each (arm, seed) trains for tens of seconds: a line per finished one shows the work moving.
+        progress, pending = console.Progress("evaluate", len(refs), "classifier runs"), list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=1)
+            progress.update(len(refs) - len(pending), force=True)
+        return ray.get(refs)
 
     return run_jobs
 

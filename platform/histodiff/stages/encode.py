@@ -17,6 +17,7 @@ from histodiff.config import HistodiffConfig
 from histodiff.data import shards
 from histodiff.data.encode import LATENTS_META, encode_set
 from histodiff.data.readers import ReadSpec, read_spec
+from histodiff.headline import metric_name
 from histodiff.runner import Context, Spec as StageSpec, StageResult
 from histodiff.storage import Store, join
 
@@ -105,7 +106,7 @@ def work(spec: Spec, ctx: Context) -> Result:
             log.info("encode: latents of %s at %s are current; kept", s.name, s.latents_uri)
         scale = meta["scale_factor"] if scale is None else scale
         done[s.name] = meta
-    ctx.tracker.log_metrics({"scale_factor": scale, **{f"num_latents/{k}": v["num_latents"] for k, v in done.items()}})
+    ctx.tracker.log_metrics({"scale_factor": scale, **{metric_name("num_latents", k): v["num_latents"] for k, v in done.items()}})
     unl = done["unlabeled"]
     return Result(latents_uri=spec.output_uri, num_latents=unl["num_latents"], scale_factor=unl["scale_factor"],
                   shape=unl["shape"], autoencoder_sha256=spec.autoencoder_sha256,

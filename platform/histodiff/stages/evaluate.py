@@ -187,14 +187,7 @@ def _write(spec: Spec, ctx: Context, result: Result) -> None:
         png = figure_png(confusion_figure(cm.tolist(), result.classes, f"{arm}: test confusion\n(summed over seeds)"))
         ctx.tracker.log_png(png, f"confusion_{arm}.png")
         ctx.store.write_bytes(join(out, f"confusion_{arm}.png"), png)
-    metrics = {f"{arm}_{m}": v[0] for arm, ms in result.summary.items() for m, v in ms.items()}
-    for arm, gains in result.gains.items():
-        prefix = "gain" if arm == "augmented" else f"gain_{arm}"
-        for m, g in gains.items():
-            metrics.update({f"{prefix}_{m}": g["mean"], f"{prefix}_{m}_ci_low": g["ci_low"],
-                            f"{prefix}_{m}_ci_high": g["ci_high"]})
-    metrics.update({f"quality_{k}": v for k, v in result.quality.items() if isinstance(v, (int, float))})
-    ctx.tracker.log_metrics({k: v for k, v in metrics.items() if v == v})  # NaN (one seed) is not a metric
+    # The figures (percent, points) are logged by the runner: histodiff.headline.evaluation_figures.
     ctx.tracker.log_text(table, "evaluation_table.txt")
     ctx.tracker.log_dict(asdict(result), "evaluation.json")
     ctx.store.write_bytes(join(out, "table.txt"), (table + "\n").encode())

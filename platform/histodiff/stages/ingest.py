@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 from histodiff.config import HistodiffConfig
 from histodiff.data.ingest import CONVERTED_CSV, SKIPPED_CSV, IngestSettings, ingest_set, items_fingerprint
 from histodiff.data.sources import IngestError, list_labeled, list_unlabeled
+from histodiff.headline import metric_name
 from histodiff.runner import Context, Spec as StageSpec, StageResult
 from histodiff.storage import Store, join
 
@@ -88,9 +89,10 @@ def work(spec: Spec, ctx: Context) -> Result:
         result.classes[s.name] = manifest.classes
         result.reports[s.name] = manifest.report
         result.reused[s.name] = reused
-        metrics = {f"{s.name}/tiles_written": manifest.num_tiles, f"{s.name}/files_seen": manifest.report["seen"]}
+        metrics = {metric_name(s.name, "tiles_written"): manifest.num_tiles,
+                   metric_name(s.name, "files_seen"): manifest.report["seen"]}
         for key in ("skipped", "converted"):
-            metrics.update({f"{s.name}/{key}/{r}": n for r, n in manifest.report[key].items()})
+            metrics.update({metric_name(s.name, key, r): n for r, n in manifest.report[key].items()})
         ctx.tracker.log_metrics(metrics)
         ctx.tracker.log_dict(manifest.report, f"ingest/{s.name}_report.json")
         for csv_name in (SKIPPED_CSV, CONVERTED_CSV):

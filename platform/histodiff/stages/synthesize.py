@@ -23,7 +23,8 @@ from histodiff.checkpoint import model_meta
 from histodiff.config import HistodiffConfig
 from histodiff.data import shards
 from histodiff.data.splits import SplitSpec, split_spec
-from histodiff.plots import acceptance_figure, tile_grid
+from histodiff.headline import metric_name
+from histodiff.plots import acceptance_figure, labeled_grid_figure
 from histodiff.runner import Context, Spec as StageSpec, StageResult
 from histodiff.storage import Store, join
 
@@ -157,7 +158,7 @@ def colour_fidelity(spec: Spec, store: Store, per_class: dict, report: dict, ctx
     colours = colour_report(real, fake, spec.colour_drift_bound)
     for c, r in colours.items():
         report[c]["colour"] = r
-    ctx.tracker.log_metrics({f"colour_drift_{space}/{c}": r[space] for c, r in colours.items()
+    ctx.tracker.log_metrics({metric_name("colour_drift", space, c): r[space] for c, r in colours.items()
                              for space in ("hed", "lab") if r[space] == r[space]})
     if fake:
         ctx.tracker.log_figure(colour_figure(real, fake, colours), "acceptance/colour_fidelity.png")
@@ -167,14 +168,16 @@ def colour_fidelity(spec: Spec, store: Store, per_class: dict, report: dict, ctx
                     "acceptance/colour_fidelity.png in MLflow", spec.colour_drift_bound, drifted)
 
 
-def _log_report(ctx: Context, report: dict, per_class: dict, threshold: float) -> None:
-    ctx.tracker.log_figure(acceptance_figure(report, threshold), "acceptance/score_histograms.png")
+def _log_report(ctx: Context, report: dict, per_class: dict, threshold: float, quota: int) -> None:
+    ctx.tracker.log_figure(acceptance_figure(report, threshold, quota), "acceptance/score_histograms.png")
     ctx.tracker.log_dict(report, "acceptance/report.json")
-    for c, data in per_class.items():
-        if data["accepted"].any():
-            ctx.tracker.log_image(tile_grid(data["tiles"][data["accepted"]][:32]), f"acceptance/accepted_{c}.png")
-    ctx.tracker.log_metrics({f"{key}/{c}": r[key] for c, r in report.items()
-                             for key in ("accepted", "selectivity", "quota_fill")})
+    rows = [(c, d["tiles"][d["accepted"]][:8]) for c, d in per_class.items() if d["accepted"].any()]
+    if rows:  # one labelled row per class, upscaled: 32 px tiles at 1x are unreadable
+        ctx.tracker.log_figure(labeled_grid_figure(rows, "accepted synthetic tiles (first 8 per class)"),
+                               "acceptance/accepted_tiles.png")
+    ctx.tracker.log_metrics({**{metric_name("accepted", c): r["accepted"] for c, r in report.items()},
+                             **{metric_name("selectivity", c, "pct"): 100 * r["selectivity"] for c, r in report.items()},
+                             **{metric_name("quota_fill", c, "pct"): 100 * r["quota_fill"] for c, r in report.items()}})
 
 
 def work(spec: Spec, ctx: Context) -> Result:
@@ -196,7 +199,7 @@ def work(spec: Spec, ctx: Context) -> Result:
     accepted_uri = _write_outputs(spec, ctx.store, lineage, per_class, report)
     seconds = time.perf_counter() - t0
     ctx.tracker.log_metrics({"accepted_tiles_per_s": sum(r["accepted"] for r in report.values()) / seconds})
-    _log_report(ctx, report, per_class, spec.plan.selection.threshold)
+    _log_report(ctx, report, per_class, spec.plan.selection.threshold, spec.plan.accepted_per_class)
     log.info("synthesis (accepted/generated): %s", {c: f"{r['accepted']}/{r['generated']}" for c, r in report.items()})
     short = {c: f"{r['accepted']} of {r['quota']} ({r['passed_rule']} of {r['generated']} generated passed)"
              for c, r in report.items() if r["accepted"] < r["quota"]}

@@ -89,6 +89,7 @@ def build_trainer(ctx: Any, train_loop_per_worker: Callable[[dict], None], loop_
               "checkpoint_upload_mode": ray_cfg.checkpoint_upload_mode,
               "threads_per_worker": None if ray_cfg.use_gpu else ray_cfg.threads_per_worker,
               "use_gpu": ray_cfg.use_gpu, "callbacks": tuple(ctx.callbacks),
+              "progress_label": getattr(ctx, "stage", "") or run_name,
               **tracking.loop_config(ctx.tracker, ctx.store), **loop_config}
     return TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
                         run_config=run_config, datasets=datasets or {})

@@ -23,6 +23,7 @@ from histodiff import checkpoint as ckpt
 from histodiff.config import DenoiserConfig
 from histodiff.diffusion.schedule import ddpm_scheduler
 from histodiff.models import denoiser as dn
+from histodiff.plots import image_figure
 from histodiff.runtime import autocast, device_for, prefetch_batches, set_worker_threads
 from histodiff.train import common, loop
 
@@ -238,7 +239,8 @@ class DenoiserTrainee:
         if self.rank == 0 and self.vae is not None and (s.step % dcfg.sample_every == 0 or s.step >= dcfg.steps):
             grid = dn.sample_grid(s.unet, s.ema, self.vae, self.config["scale_factor"], dcfg.schedule, s.device,
                                   seed=self.config["seed"])
-            self.tracker.log_image(grid, f"samples/step_{s.step:07d}.png")
+            title = f"unconditional samples at step {s.step} (EMA weights, 25 DDIM steps)"
+            self.tracker.log_figure(image_figure(grid, title), f"samples/step_{s.step:07d}.png")
         if saving and self.rank == 0:
             self.probes.append([s.step, probe_loss(s, self.probe)])
             extras["probe_loss"] = self.probes[-1][1]

@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from histodiff import console
 from histodiff.train import common
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def train(trainee: Trainee, cadence: Cadence, loop_config: dict, *, device: torc
         log.info("rank %d resumed at step %d", info.rank, trainee.step)
     window: dict[str, list[float]] = {}
     t0, since = time.perf_counter(), 0
+    progress = _progress(trainee, cadence, loop_config) if info.rank == 0 else None
     while trainee.step < cadence.steps:
         metrics = trainee.train_step()
         loss = metrics.get("loss")
@@ -84,6 +86,8 @@ def train(trainee: Trainee, cadence: Cadence, loop_config: dict, *, device: torc
         report.update(trainee.report_extras(report, saving))
         window.clear()
         tracker.log_metrics(report, step=trainee.step)
+        if progress is not None:
+            progress.update(trainee.step, _headline(report), rate=report["steps_per_s"], force=done)
         if saving:
             tensors, state = trainee.checkpoint()
             common.report(report, trainee.step, tensors, state, loop_config)
@@ -91,3 +95,18 @@ def train(trainee: Trainee, cadence: Cadence, loop_config: dict, *, device: torc
             common.report(report, trainee.step, loop_config=loop_config)
         t0, since = time.perf_counter(), 0
     tracker.release()  # send what waited for MLflow, or leave it for the driver
+
+
+def _progress(trainee: Trainee, cadence: Cadence, loop_config: dict) -> console.Progress:
+    """Return the console progress of this training run (rank 0 prints it; the driver shows it)."""
+    label = str(loop_config.get("progress_label") or "training")
+    return console.Progress(label, cadence.steps, "steps")
+
+
+def _headline(report: dict[str, float]) -> dict[str, float]:
+    """Return the figures a progress line shows: the loss(es) and samples/s when the trainee knows them."""
+    out = {k: v for k, v in report.items() if "loss" in k or k in ("l1", "accuracy")}
+    out = dict(list(out.items())[:3])
+    if "samples_per_s" in report:
+        out["samples/s"] = report["samples_per_s"]
+    return out
