@@ -12,11 +12,15 @@ of such a run, so the stage runs show under ``<name>/pipeline`` on the first vis
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Any
 
 from histodiff.headline import PRIMARY, PRIMARY_PARENT
+from histodiff.tracking_server import scrub
+
+log = logging.getLogger(__name__)
 
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
@@ -42,14 +46,21 @@ def experiment_description(cfg: Any) -> str:
 
 
 def prepare_experiment(tracker: Any, cfg: Any) -> str | None:
-    """Tag the tracker's experiment (kind, description, the gain view); return its id (None when untracked)."""
-    run = tracker._safe("get_run", "get_run", tracker.run_id) if tracker.active else None
-    if run is None:
+    """Tag the tracker's experiment (kind, description, the gain view); return its id (None when untracked).
+
+    The tags describe the experiment, not a run: when the server does not answer they are set by the
+    next run instead (nothing a run measured is lost), so a failure here is logged and passed over.
+    """
+    if not tracker.active:
         return None
-    exp_id = run.info.experiment_id
-    view = {"selectedColumns": list(COLUMNS), "orderByKey": "attributes.start_time", "orderByAsc": False}
-    for key, value in ((KIND_TAG, KIND), (NOTE_TAG, experiment_description(cfg)), (VIEW_TAG, json.dumps(view))):
-        tracker._safe("set_experiment_tag", "set_experiment_tag", exp_id, key, value)
+    try:
+        exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+        view = {"selectedColumns": list(COLUMNS), "orderByKey": "attributes.start_time", "orderByAsc": False}
+        for key, value in ((KIND_TAG, KIND), (NOTE_TAG, experiment_description(cfg)), (VIEW_TAG, json.dumps(view))):
+            tracker.client.set_experiment_tag(exp_id, key, value)
+    except Exception as exc:  # an unreachable server: the run itself is buffered by the tracker
+        log.warning("could not tag the MLflow experiment for the UI (%s); the next run will", scrub(exc)[:200])
+        return None
     return exp_id
 
 
