@@ -14,8 +14,8 @@ trains, over several seeds, on the real tiles alone (``baseline``) and with each
 - ``duplicated_real``, ``classical_aug``: the real tiles repeated, or strongly augmented;
 - ``pseudo_label``: pool tiles labeled by each seed's baseline, the most confident per class;
 - ``oracle``: pool tiles with their true labels (the ceiling; the method never sees them).
-Every extra set has the augmented arm's per-class volume and fills ``synthetic_fraction`` of each
-batch, and every arm takes the same optimizer steps. A draw whose selector accepts nothing keeps
+Every extra set has the augmented arm's per-class volume and is mixed in class by class (each real
+row swapped for an extra tile of its class with probability ``synthetic_fraction``), and every arm takes the same optimizer steps. A draw whose selector accepts nothing keeps
 augmented = the real tiles alone (gain 0, flagged): it is a result, never dropped. Guidance
 precision: an independent judge trained on the pool's true labels labels every generated tile.
 The aggregation (intervals over draws, Holm) is :mod:`bench.validation_report`.
@@ -41,7 +41,7 @@ from histodiff.storage import Store, join
 log = logging.getLogger(__name__)
 
 CLASSES = [str(d) for d in range(10)]
-VERSION = 3  # bump when a cell's computation changes: cached cells of another version are redone
+VERSION = 4  # bump when a cell's computation changes: cached cells of another version are redone
 
 
 @dataclass(frozen=True)

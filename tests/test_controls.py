@@ -73,13 +73,28 @@ def test_every_arm_takes_the_same_steps_and_the_same_mixing(monkeypatch):
     assert by_arm[("empty", 0)].test == by_arm[("baseline", 0)].test and by_arm[("empty", 0)].num_synthetic == 0
 
 
-def test_mixed_batches_keep_the_extra_share_fixed():
-    from histodiff.train.backbone import mixed_batches
+def test_mixed_batches_swap_rows_within_their_class_so_the_class_mix_is_the_real_one():
+    from histodiff.train.backbone import extra_share, mixed_batches
 
     gen = torch.Generator().manual_seed(0)
-    batches = mixed_batches(5, 100, batch_size=8, extra_fraction=0.5, generator=gen)
-    for _ in range(20):
+    real_y = torch.tensor([0] * 50 + [1] * 50)
+    # A skewed extra set: 200 tiles of class 0, none of class 1 (what a selector that fills one quota makes).
+    extra_y = torch.zeros(200, dtype=torch.long)
+    batches = mixed_batches(real_y, extra_y, batch_size=20, extra_fraction=0.5, generator=gen)
+    classes, swapped, rows = torch.zeros(2), 0, 0
+    for _ in range(200):
         real, extra = next(batches)
-        assert len(real) == 4 and len(extra) == 4 and real.max() < 5 and extra.max() < 100
-    real, extra = next(mixed_batches(5, 0, batch_size=8, extra_fraction=0.5, generator=gen))
+        assert len(real) + len(extra) == 20 and (extra_y[extra] == 0).all()
+        classes += torch.bincount(torch.cat([real_y[real], extra_y[extra]]), minlength=2)
+        swapped, rows = swapped + len(extra), rows + 20
+    assert abs(classes[0] / classes.sum() - 0.5) < 0.01  # the real class mix, not the extra set's
+    assert abs(swapped / rows - 0.25) < 0.02 and extra_share(real_y, extra_y, 0.5) == 0.25
+    # Every extra tile of a class is used before any repeats.
+    fresh = mixed_batches(real_y, extra_y, batch_size=20, extra_fraction=0.5, generator=gen)
+    seen = torch.cat([next(fresh)[1] for _ in range(100)])
+    assert len(seen) >= 200 and len(torch.unique(seen[:200])) == 200
+    real, extra = next(mixed_batches(torch.tensor([0, 1, 0, 1, 0]), torch.zeros(0, dtype=torch.long), batch_size=8,
+                                     extra_fraction=0.5, generator=gen))
     assert len(real) == 5 and len(extra) == 0  # no extra tiles: every row real (a set smaller than a batch)
+
+

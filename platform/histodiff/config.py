@@ -331,9 +331,10 @@ class EvaluationConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     synthetic_fraction: float = Field(
-        0.5, ge=0, lt=1, description="share of every training batch drawn from the synthetic tiles (0: baseline "
-                                     "only), so real tiles keep their share of the gradient however many synthetic "
-                                     "tiles there are; the synthetic volume is synthesis.accepted_per_class")
+        0.5, ge=0, lt=1, description="probability that a training row of a class with synthetic tiles is a "
+                                     "synthetic tile of that class (0: baseline only): real tiles keep their share of "
+                                     "the gradient and the class mix stays the real one however many synthetic tiles "
+                                     "each class has; the synthetic volume is synthesis.accepted_per_class")
     synthetic_loss_weight: float = Field(1.0, ge=0)
     synthetic_label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="soft labels for every extra tile: (1 - e) on its class, e spread over all")

@@ -120,7 +120,7 @@ def train_selector(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Te
                    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[Selector, float]:
     """Return (selector trained on the labeled train split, validation-selected; its val balanced accuracy).
 
-    ``extra`` = (tiles, label ids, weights) joins training as half of every batch (pseudo-labeled pool tiles).
+    ``extra`` = (tiles, label ids, weights) joins training class by class, half of the rows (pseudo-labeled pool tiles).
     """
     image_size = int(train_x.shape[-1])
     more = {} if extra is None or not len(extra[0]) else {

@@ -1,8 +1,8 @@
 """Control arms: extra training tiles that isolate what the synthetic tiles add (issue 14).
 
 Every control gets the same per-class volume as the arm under test (``counts[c]`` tiles of class
-``c``), and then the same mixing (``synthetic_fraction`` of every batch) and the same optimizer
-steps in training, so a difference in accuracy is the difference in *what* the extra tiles are:
+``c``), and then the same mixing (each real row swapped for an extra tile of its class with
+probability ``synthetic_fraction``) and the same optimizer steps in training, so a difference in accuracy is the difference in *what* the extra tiles are:
 - ``unfiltered``: a random subset of every generated tile (no selector, no ranking);
 - ``unguided_selected``: guidance scale 0, then the same selection (bench/validation builds it);
 - ``duplicated_real``: the real tiles repeated (is it just more steps on real data?);

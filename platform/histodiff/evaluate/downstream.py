@@ -2,8 +2,9 @@
 
 Protocol (METHOD.md, fixing the reference code's test-set selection):
 - every arm (``baseline`` = the real train split; every other arm = the real tiles plus an
-  extra set: synthetic tiles, or a control's tiles at the same volume, filling
-  ``synthetic_fraction`` of each batch) trains with the same recipe, steps and seeds;
+  extra set: synthetic tiles, or a control's tiles at the same volume, each real row of a batch
+  swapped for an extra tile of its class with probability ``synthetic_fraction``, so the class
+  mix stays the real split's) trains with the same recipe, steps and seeds;
 - :func:`train_and_score` selects the epoch on the validation split only: the selection
   function (``fit_classifier``) is never handed the test split, which is touched once,
   after selection, to score the chosen model;

@@ -4,7 +4,7 @@ The protocol is :mod:`histodiff.evaluate.downstream` (equal optimizer steps per 
 selection on validation only, the test split touched once, one Ray task per (arm, seed)). The
 ``augmented`` arm adds every accepted synthetic tile; the controls named in
 ``evaluation.controls`` (:mod:`histodiff.evaluate.controls`) get the same per-class volume, and
-every extra set fills ``evaluation.synthetic_fraction`` of each batch. The stage writes the
+every extra set is mixed in class by class (``evaluation.synthetic_fraction``). The stage writes the
 table, the confusion matrices and the quality report, and returns the paired gains.
 """
 
