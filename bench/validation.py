@@ -67,6 +67,7 @@ class Protocol:
     generator_overrides: tuple[str, ...] = ()
     judge_backbone: str = "test_resnet"
     judge_steps: int = 1500
+    pool_limit: int | None = None  # tests: keep this many pool tiles (a random subset), not 3,800
 
     @classmethod
     def quick(cls, overrides: tuple[str, ...] = ()) -> "Protocol":
@@ -128,6 +129,8 @@ def prepare_data(workdir: str, protocol: Protocol) -> Data:
     """Return the MNIST tiles and splits, with the pool, labeled (pool + val) and test shards written."""
     x, y = mnist_tiles()
     idx = split_indices(y, 0, protocol.val_per_class, protocol.test_per_class)
+    if protocol.pool_limit is not None:
+        idx["pool"] = np.sort(np.random.default_rng(0).permutation(idx["pool"])[: protocol.pool_limit])
     root, store = workdir.rstrip("/"), Store()
     labeled = np.concatenate([idx["pool"], idx["val"]])
     write_tiles(f"{root}/shards/pool", x[idx["pool"]], [None] * len(idx["pool"]), "pool", store)

@@ -6,6 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 from histodiff.config import load_config
@@ -100,3 +101,50 @@ def test_readme_submission_commands_name_existing_jobs():
     assert commands, "the README documents the raw `ray job submit` form"
     for command in commands:
         _check_entrypoint(command.replace("\\", "").strip())
+
+
+# ---------------------------------------------------------------- schema checks (tests/manifest_schema.py)
+
+@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_kuberay_manifests_match_the_kuberay_and_kubernetes_schemas(name):
+    from manifest_schema import kuberay_errors
+
+    assert kuberay_errors(_load(name)) == []
+
+
+def test_the_launcher_yaml_matches_rays_cluster_schema():
+    from manifest_schema import launcher_errors
+
+    assert launcher_errors(_load("cluster-gpu.yaml")) == []
+
+
+def _plant(text: str, old: str, new: str) -> dict:
+    assert old in text, old
+    return yaml.safe_load(text.replace(old, new, 1))
+
+
+def test_a_misspelled_field_fails_the_schema_checks_at_every_level():
+    from manifest_schema import kuberay_errors, launcher_errors
+
+    cluster = (INFRA / "kuberay/raycluster.yaml").read_text()
+    job = (INFRA / "kuberay/rayjob.yaml").read_text()
+    cases = [
+        (cluster, "enableInTreeAutoscaling:", "enableInTreeAutoscalling:",
+         "RayCluster.spec.enableInTreeAutoscalling: unknown field"),  # KubeRay's own spec
+        (cluster, "maxReplicas:", "maxReplica:", "RayCluster.spec.workerGroupSpecs[0].maxReplica: unknown field"),
+        (cluster, "tolerations:", "toleration:",  # the Kubernetes pod spec under a worker group
+         "RayCluster.spec.workerGroupSpecs[0].template.spec.toleration: unknown field"),
+        (cluster, "containerPort: 8265", "containerport: 8265",  # deep inside a container
+         "RayCluster.spec.headGroupSpec.template.spec.containers[0].ports[1].containerport: unknown field"),
+        (job, "shutdownAfterJobFinishes:", "shutdownAfterJobFinished:",
+         "RayJob.spec.shutdownAfterJobFinished: unknown field"),
+        (job, "restartPolicy:", "restartPolicyy:", "RayJob.spec.submitterPodTemplate.spec.restartPolicyy: unknown field"),
+    ]
+    for text, old, new, expected in cases:
+        errors = kuberay_errors(_plant(text, old, new))
+        assert any(e.startswith(expected) for e in errors), (expected, errors)
+    launcher = (INFRA / "cluster-gpu.yaml").read_text()
+    errors = launcher_errors(_plant(launcher, "idle_timeout_minutes:", "idle_timeout_minute:"))
+    assert any("idle_timeout_minute" in e for e in errors), errors
+    errors = launcher_errors(_plant(launcher, "pull_before_run:", "pull_befor_run:"))
+    assert any("pull_befor_run" in e for e in errors), errors

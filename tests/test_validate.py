@@ -1,4 +1,4 @@
-"""Method validation on MNIST: data preparation, per-budget configs, and the protocol's orchestration."""
+"""Method validation on MNIST (bench/validation*.py): data, cell configs, the figures over draws, one real run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bench import validation as validate
+from bench.validation_report import ARMS, budget_figures, figures, table_markdown
 
 
 def test_mnist_tiles_are_padded_rgb_and_splits_are_disjoint():
@@ -22,74 +23,84 @@ def test_mnist_tiles_are_padded_rgb_and_splits_are_disjoint():
     assert np.array_equal(idx["pool"], validate.split_indices(y, 0, 3, 4)["pool"])
 
 
-def test_budget_config_scales_epochs_and_shares_pretraining(tmp_path):
-    sizes = {"pool": 4000, "val": 200, "test": 800}
-    b2 = validate.budget_config(str(tmp_path), 2, sizes, [])
-    b10 = validate.budget_config(str(tmp_path), 10, sizes, ["evaluation.seeds=[7]"])
-    assert b2.data.labels_per_class == 2 and b2.evaluation.augment == "shift"
-    # the same downstream steps for every arm and budget; the selector gets ~150 steps on the real labels
-    assert (b2.evaluation.steps, b2.evaluation.epochs) == (validate.EVAL_STEPS, validate.EVAL_ROUNDS)
-    assert b10.evaluation.steps == validate.EVAL_STEPS
-    assert b2.synthesis.selector.epochs == 75 and b10.synthesis.selector.epochs == 22
-    assert b2.paths.denoiser == b10.paths.denoiser and b2.paths.classifier != b10.paths.classifier
-    assert b2.name != b10.name  # Ray Train run names must not collide between budgets
-    assert b10.evaluation.seeds == [7]
-    assert b2.data.val_fraction == pytest.approx(200 / 4200)
+def test_cells_share_the_generator_and_differ_in_budget_draw_and_name(tmp_path):
+    data = validate.Data(np.zeros(0), np.zeros(0), {"pool": np.arange(3800), "val": np.arange(200)}, str(tmp_path))
+    protocol = validate.Protocol(overrides=("evaluation.seeds=[7]",))
+    b2, b19, b19d1 = (validate.cell_config(data, protocol, b, d) for b, d in ((2, 0), (19, 0), (19, 1)))
+    shared = validate.cell_config(data, protocol, None)
+    assert (b2.data.labels_per_class, b19.data.labels_per_class, b19d1.data.label_draw) == (2, 19, 1)
+    assert b2.paths.denoiser == b19.paths.denoiser == shared.paths.denoiser
+    assert b2.paths.selector != b19.paths.selector != b19d1.paths.selector
+    assert len({b2.name, b19.name, b19d1.name, shared.name}) == 4  # Ray Train run names must not collide
+    # every budget's downstream recipe is the same; the selector gets ~150 steps however few the labels
+    assert b2.evaluation.steps == b19.evaluation.steps == protocol.eval_steps and b2.evaluation.seeds == [7]
+    assert b2.synthesis.selector.epochs == 75 and b19.synthesis.selector.epochs == 13
+    assert b2.data.val_fraction == pytest.approx(200 / 4000)
+    for item in validate.METHOD_RECIPE:  # the method's recipe reaches every cell
+        key, value = item.split("=")
+        got = b19
+        for part in key.split("."):
+            got = getattr(got, part)
+        assert str(got) == value
 
 
-def _stub_stages(calls: list[str]):
-    """Stand-ins for the generator stages: a real (untrained) autoencoder export, and 'synthesis' that
-    copies labeled pool tiles (filtered run) or the same tiles with shuffled labels (mode none)."""
-    from histodiff import checkpoint
-    from histodiff.data import shards
-    from histodiff.data.splits import labeled_splits
-    from histodiff.models.autoencoder import build_autoencoder
+def _cell(draw: int, gains: dict[str, list[float]], nothing: bool = False) -> dict:
+    base = [0.80, 0.82]
+    outcomes = [{"arm": "baseline", "seed": s, "test": {"accuracy": a}} for s, a in enumerate(base)]
+    for arm in ARMS:
+        outcomes += [{"arm": arm, "seed": s, "test": {"accuracy": base[s] + g / 100}}
+                     for s, g in enumerate(gains.get(arm, [0.0, 0.0]))]
+    report = {"0": {"selectivity": 0.5, "accepted": 0 if nothing else 8, "quota_fill": 0.0 if nothing else 1.0}}
+    return {"budget": 5, "draw": draw, "outcomes": outcomes, "synthesis": report, "nothing_accepted": nothing,
+            "volumes": {}, "precision_guided": 0.5, "precision_guided_accepted": 0.9, "selector_val_bacc": 0.8,
+            "probes": {"latent_knn": 0.7}, "pseudo_label_precision": math.nan}
 
-    def autoencoder(cfg):
-        checkpoint.export_model(build_autoencoder(cfg.autoencoder), cfg.paths.autoencoder, {"kind": "autoencoder"})
 
-    def synthesize(cfg):
-        tiles, ids, classes = labeled_splits(cfg)["val"]
-        labels = np.array(classes)[ids]
-        if cfg.synthesis.selector.mode == "none":  # unfiltered (and unguided) runs: labels are often wrong
-            labels = np.random.default_rng(0).permutation(labels)
-        uri = f"{cfg.paths.synthetic}/accepted"
-        shards.write_table(shards.tiles_table(tiles, labels.tolist(), "synthetic", map(str, range(len(tiles)))),
-                           f"{uri}/{shards.shard_name(0)}")
-        shards.write_manifest(shards.Manifest(uri, [shards.shard_name(0)], len(tiles), sorted(set(labels)), 32))
+def test_the_gain_interval_is_over_draws_and_a_draw_that_accepted_nothing_counts_as_zero():
+    # draw gains (seed-averaged): +2, +4 and 0 (nothing accepted: the augmented arm is the baseline)
+    cells = [_cell(0, {"augmented": [1.0, 3.0]}), _cell(1, {"augmented": [4.0, 4.0]}),
+             _cell(2, {"augmented": [0.0, 0.0]}, nothing=True)]
+    f = budget_figures(cells)
+    aug = f["augmented"]
+    assert aug["gain_per_draw"] == pytest.approx([2.0, 4.0, 0.0]) and aug["gain_points"] == pytest.approx(2.0)
+    half = 4.302653 * 2.0 / math.sqrt(3)  # t(0.975, df=2) x sd([2, 4, 0]) / sqrt(3 draws)
+    assert (aug["gain_ci_low"], aug["gain_ci_high"]) == pytest.approx((2.0 - half, 2.0 + half), rel=1e-4)
+    assert f["draws_nothing_accepted"] == [2] and f["label_draws"] == 3 and f["seeds"] == 2
+    assert f["baseline_acc"] == pytest.approx(81.0) and f["oracle"]["gain_points"] == pytest.approx(0.0)
+    protocol = validate.Protocol(budgets=(5,), headline=5)
+    out = figures(cells, protocol, 0.1, 12.0)
+    assert out["validate_gain_points"] == pytest.approx(2.0) and out["validate_headline_budget"] == 5
+    assert out["validate_curve"]["5"]["augmented"]["p_holm"] == pytest.approx(aug["p_value"])
+    assert "| 5 | 81.0 |" in table_markdown(out["validate_curve"])
 
-    fns = {"autoencoder": autoencoder, "synthesize": synthesize}
 
-    def stage(name):
-        def call(cfg):
-            calls.append(f"{name}:{cfg.name}:{cfg.synthesis.selector.mode}:{cfg.synthesis.guidance_scale}")
-            return fns.get(name, lambda c: None)(cfg)
-        return call
-
-    return stage
+SMOKE = validate.Protocol(
+    budgets=(2,), headline=2, draws=2, seeds=(0,), eval_steps=4, val_per_class=3, test_per_class=3, judge_steps=5, pool_limit=400,
+    generator_overrides=("autoencoder.steps=4", "autoencoder.checkpoint_every=4", "denoiser.steps=4",
+                         "denoiser.checkpoint_every=4", "denoiser.warmup_steps=1", "denoiser.sample_every=4",
+                         "denoiser.report_every=2"),
+    overrides=("evaluation.epochs=2", "classifier.steps=4", "classifier.checkpoint_every=4",
+               "classifier.report_every=2", "synthesis.selector.epochs=1", "synthesis.accepted_per_class=2",
+               "synthesis.max_samples_per_class=4", "synthesis.batch_size=8", "synthesis.num_inference_steps=2",
+               "pseudo_labels.per_class=2", "synthesis.selector.threshold=0.0"))
 
 
 @pytest.mark.slow
-def test_run_validation_orchestrates_the_protocol(ray_local, tmp_path):
-    calls: list[str] = []
-    out = validate.run_validation(
-        str(tmp_path), budgets=(2, 3), seeds=(0, 1), val_per_class=3, test_per_class=3, max_pool=300, stage=_stub_stages(calls),
-        overrides=["evaluation.backbone=test_resnet", "evaluation.epochs=1", "evaluation.steps=2", "evaluation.image_size=16",
-                   "autoencoder.block_out_channels=[8,8]", "autoencoder.norm_num_groups=4",
-                   "evaluation.pseudo_label_threshold=0.0"])
-    assert [c.split(":")[0] for c in calls] == ["autoencoder", "encode", "pretrain", "classifier", "synthesize",
-                                                "synthesize", "synthesize", "classifier", "synthesize", "synthesize"]
-    # selected, then the unfiltered control (guided, mode none), then unguided samples for the judge: those
-    # do not depend on the budget, so only the first budget makes them
-    assert [c.split(":", 2)[2] for c in calls[4:7]] == ["confidence:3.0", "none:3.0", "none:0.0"]
-    assert [c.split(":", 2)[2] for c in calls[8:]] == ["confidence:3.0", "none:3.0"]
-    assert out["validate_curve"]["3"]["guidance_precision_unguided"] == out["guidance_precision_unguided"]
+def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path):
+    """The whole protocol at smoke size on the real stages and real Ray: figures for every arm, cells cached."""
+    out = validate.run_validation(str(tmp_path), SMOKE)
     curve = out["validate_curve"]["2"]
-    assert out["validate_baseline_acc"] == curve["baseline_acc"] and 0 <= curve["baseline_acc"] <= 100
-    assert out["validate_gain_points"] == pytest.approx(curve["augmented_acc"] - curve["baseline_acc"])
-    assert curve["gain_ci_low"] <= curve["gain_points"] <= curve["gain_ci_high"]
-    assert not math.isnan(out["validate_unfiltered_gain_points"])
-    assert set(curve["cheap_baselines"]) == {"pseudo_label", "latent_knn", "latent_linear"}
-    assert out["validate_cheap_baseline_acc"] == max(curve["cheap_baselines"].values())
-    assert out["validate_wall_s"] > 0 and curve["num_seeds"] == 2
-    assert 0 <= out["guidance_precision_unguided"] <= 1 and 0 <= out["guidance_precision_guided"] <= 1
+    assert curve["label_draws"] == 2 and curve["seeds"] == 1 and curve["draws_nothing_accepted"] == []
+    assert all(v["augmented"] == v["oracle"] == v["duplicated_real"] > 0 for v in curve["volumes"])  # same volume
+    for arm in ARMS:  # an arm may be absent only when no draw produced it; at smoke size all do
+        assert arm in curve, arm
+        assert curve[arm]["gain_ci_low"] <= curve[arm]["gain_points"] <= curve[arm]["gain_ci_high"]
+    assert 0 <= out["guidance_precision_guided"] <= 1 and 0 <= out["guidance_precision_unguided"] <= 1
+    assert out["validate_wall_s"] > 0 and {"autoencoder", "encode", "pretrain", "judge_val_bacc"} <= set(out["validate_generator"])
+    cells = sorted((tmp_path / "cells").glob("*.json"))
+    assert [c.name for c in cells] == ["b2-d0.json", "b2-d1.json"]
+    # A second run reuses the cells of the same protocol version and recipe (nothing retrained).
+    stamps = [c.stat().st_mtime for c in cells]
+    again = validate.run_validation(str(tmp_path), SMOKE)
+    assert [c.stat().st_mtime for c in cells] == stamps
+    assert again["validate_curve"]["2"]["augmented"] == curve["augmented"]
