@@ -135,6 +135,32 @@ def init_ray(cfg: HistodiffConfig, **extra: Any) -> None:
         )
     console.quiet_libraries()  # again: importing Ray (Data) set its own logger levels
     console.filter_worker_output()
+    if cfg.ray.address:
+        check_shared_storage(cfg, sum(1 for node in ray.nodes() if node.get("Alive")))
+
+
+def local_outputs(cfg: HistodiffConfig) -> list[str]:
+    """Return the ``paths.*`` outputs of ``cfg`` that are local paths (not s3:// URIs)."""
+    skip = {"unlabeled_sources", "labeled_source", "labeled_test_source"}  # inputs: read once, by ingest
+    return [f"paths.{key}={value}" for key, value in cfg.paths.model_dump().items()
+            if key not in skip and isinstance(value, str) and not value.startswith("s3://")]
+
+
+def check_shared_storage(cfg: HistodiffConfig, nodes: int, address: str | None = None) -> None:
+    """Raise ConfigError when a cluster of several nodes would write stage outputs to a local path.
+
+    A local path names a different folder on every node: checkpoints, shards and trial results
+    written there are lost with their node and unreadable from the others (the classic head-local
+    ``storage_path`` trap). Checked right after connecting, before any stage takes resources.
+    """
+    from histodiff.config import ConfigError
+
+    local = local_outputs(cfg)
+    if nodes > 1 and local:
+        more = f" (and {len(local) - 1} more outputs)" if len(local) > 1 else ""
+        raise ConfigError(f"the Ray cluster at {address or cfg.ray.address} has {nodes} nodes, but {local[0]}{more} "
+                          "is a local path: each node would write its own copy and lose it with the node; set "
+                          "paths.root=s3://BUCKET/PREFIX (any S3 endpoint)")
 
 
 def set_worker_threads(threads: int | None) -> None:

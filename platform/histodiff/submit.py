@@ -22,7 +22,7 @@ from typing import Any
 
 from histodiff.config import ConfigError, load_config, resolve_preset
 from histodiff.redaction import strip_userinfo
-from histodiff.runtime import SETTINGS_ENV
+from histodiff.runtime import SETTINGS_ENV, check_shared_storage
 from histodiff.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,18 @@ def _client(address: str, token: str | None) -> Any:
                         "address (or RAY_ADDRESS) and that the head's dashboard port (8265) answers") from exc
 
 
+def alive_nodes(address: str) -> int | None:
+    """Return how many nodes of the cluster at ``address`` are alive (None when its dashboard does not say)."""
+    try:
+        from ray.util.state import list_nodes
+
+        return len(list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False))
+    except Exception as exc:  # an older head, auth, a proxy: the job's driver checks again when it connects
+        log.info("could not count the cluster's nodes (%s); the job checks its storage when it starts",
+                 type(exc).__name__)
+        return None
+
+
 def submit(stage: str, address: str, config: str, overrides: list[str], token: str | None = None,
            pip: bool = False, follow: bool = True, space: str | None = None) -> int:
     """Submit the job, print its id, follow its logs; return 0 when it succeeded (or was not followed)."""
@@ -146,6 +158,9 @@ def submit(stage: str, address: str, config: str, overrides: list[str], token: s
     if not cfg.paths.root.startswith("s3://") and not os.path.isabs(cfg.paths.root):
         log.warning("paths.root=%s is relative: the job writes under its temporary working directory on the "
                     "cluster; use paths.root=s3://BUCKET/PREFIX", cfg.paths.root)
+    nodes = alive_nodes(address)
+    if nodes is not None:
+        check_shared_storage(cfg, nodes, address)  # a head-local paths.root is refused before the job starts
     command = entrypoint(stage, config, overrides, space)
     job_id = None
     for attempt in range(30):  # a head that just started has no job agent yet: Ray says "try again later"

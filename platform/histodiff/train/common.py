@@ -74,6 +74,7 @@ def build_trainer(ctx: Any, train_loop_per_worker: Callable[[dict], None], loop_
         num_workers=ray_cfg.num_workers,
         use_gpu=ray_cfg.use_gpu,
         resources_per_worker={"CPU": ray_cfg.cpus_per_worker},
+        placement_strategy=ray_cfg.placement_strategy,
     )
     run_config = RunConfig(
         name=run_name,
