@@ -253,7 +253,8 @@ def run_validation(workdir: str, protocol: Protocol = Protocol()) -> dict[str, A
     precision_unguided = judged_precision(judge, unguided, unguided_target)
     cells = []
     store = Store()
-    for budget in protocol.budgets:
+    # The primary (headline) budget first: an interrupted run has the figure that matters.
+    for budget in sorted(protocol.budgets, key=lambda b: b != protocol.headline):
         for draw in range(protocol.draws):
             path = join(data.root, "cells", f"b{budget}-d{draw}.json")
             key = cell_key(protocol, budget, draw)
