@@ -217,7 +217,7 @@ def fit_classifier(
     no_extra = torch.zeros(0, dtype=torch.long)
     batches = mixed_batches(train_y, extra_y if n_extra else no_extra, batch_size, extra_fraction, gen)
     real_rows = batch_size * (1 - extra_share(train_y, extra_y if n_extra else None, extra_fraction))
-    passes = max(1, round(len(train_x) / max(1.0, real_rows)))
+    passes = max(1, int(len(train_x) // max(1.0, real_rows)))
     rounds = [passes] * epochs if steps is None else [steps // epochs + (r < steps % epochs) for r in range(epochs)]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=sum(rounds), pct_start=0.15)
     real_y = soft_targets(train_y, num_classes)
