@@ -26,7 +26,7 @@ CONTROLS = ("unfiltered", "unguided_selected", "duplicated_real", "classical_aug
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Return the number of items per class id (hard labels, or the argmax of soft ones)."""
-    ids = labels.argmax(-1) if labels.ndim == 2 else labels
+    ids = labels.argmax(-1) if labels.ndim == 2 else labels  # numpy twin of train.backbone.class_ids
     return np.bincount(ids.astype(np.int64), minlength=num_classes)
 
 

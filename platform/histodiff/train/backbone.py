@@ -121,6 +121,11 @@ def _index_batches(n: int, batch_size: int, generator: torch.Generator) -> Itera
         yield from (perm[i : i + size] for i in range(0, n - size + 1, size))
 
 
+def class_ids(y: torch.Tensor) -> torch.Tensor:
+    """Return class ids: ``y`` itself for int labels (N,), the argmax for class probabilities (N, K)."""
+    return y.argmax(-1) if y.ndim == 2 else y
+
+
 def mixed_batches(real_y: torch.Tensor, extra_y: torch.Tensor, batch_size: int, extra_fraction: float,
                   generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (real indices, extra indices) batches forever, mixed class by class.
@@ -134,8 +139,7 @@ def mixed_batches(real_y: torch.Tensor, extra_y: torch.Tensor, batch_size: int, 
     towards the classes with extras: an oracle set of true-labeled tiles then cost 5 points of
     balanced accuracy at 19 labels per class, and every control arm read as a loss.)
     """
-    real_y = real_y.argmax(-1) if real_y.ndim == 2 else real_y
-    extra_y = extra_y.argmax(-1) if extra_y.ndim == 2 else extra_y
+    real_y, extra_y = class_ids(real_y), class_ids(extra_y)
     real = _index_batches(len(real_y), batch_size, generator)
     extra_gen = torch.Generator().manual_seed(int(generator.initial_seed()) + 1)
     by_class = {int(c): torch.nonzero(extra_y == c).flatten() for c in torch.unique(extra_y)}
@@ -157,12 +161,11 @@ def mixed_batches(real_y: torch.Tensor, extra_y: torch.Tensor, batch_size: int, 
         yield torch.tensor(keep, dtype=torch.long), torch.tensor(extra, dtype=torch.long)
 
 
-def extra_share(real_y: torch.Tensor, extra_y: torch.Tensor | None, extra_fraction: float) -> float:
+def extra_share(real_y: torch.Tensor, extra_y: torch.Tensor, extra_fraction: float) -> float:
     """Return the expected share of a batch's rows that :func:`mixed_batches` takes from the extra set."""
-    if extra_y is None or not len(extra_y):
+    if not len(extra_y):
         return 0.0
-    real_y = real_y.argmax(-1) if real_y.ndim == 2 else real_y
-    extra_y = extra_y.argmax(-1) if extra_y.ndim == 2 else extra_y
+    real_y, extra_y = class_ids(real_y), class_ids(extra_y)
     return extra_fraction * float(torch.isin(real_y, torch.unique(extra_y)).float().mean())
 
 
@@ -214,9 +217,9 @@ def fit_classifier(
     model = create_backbone(backbone, num_classes, image_size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     n_extra = 0 if extra_x is None else len(extra_x)
-    no_extra = torch.zeros(0, dtype=torch.long)
-    batches = mixed_batches(train_y, extra_y if n_extra else no_extra, batch_size, extra_fraction, gen)
-    real_rows = batch_size * (1 - extra_share(train_y, extra_y if n_extra else None, extra_fraction))
+    extra_ids = extra_y if n_extra else torch.zeros(0, dtype=torch.long)
+    batches = mixed_batches(train_y, extra_ids, batch_size, extra_fraction, gen)
+    real_rows = batch_size * (1 - extra_share(train_y, extra_ids, extra_fraction))
     passes = max(1, int(len(train_x) // max(1.0, real_rows)))
     rounds = [passes] * epochs if steps is None else [steps // epochs + (r < steps % epochs) for r in range(epochs)]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=sum(rounds), pct_start=0.15)
