@@ -141,9 +141,11 @@ def init_ray(cfg: HistodiffConfig, **extra: Any) -> None:
 
 def local_outputs(cfg: HistodiffConfig) -> list[str]:
     """Return the ``paths.*`` outputs of ``cfg`` that are local paths (not s3:// URIs)."""
+    from histodiff.storage import is_s3
+
     skip = {"unlabeled_sources", "labeled_source", "labeled_test_source"}  # inputs: read once, by ingest
     return [f"paths.{key}={value}" for key, value in cfg.paths.model_dump().items()
-            if key not in skip and isinstance(value, str) and not value.startswith("s3://")]
+            if key not in skip and isinstance(value, str) and not is_s3(value)]
 
 
 def check_shared_storage(cfg: HistodiffConfig, nodes: int, address: str | None = None) -> None:
