@@ -73,6 +73,34 @@ def test_local_storage_on_a_two_node_cluster_is_refused_before_any_stage_runs(s3
     assert not (local / "checkpoints").exists() and not (local / "models").exists()  # no stage ran
 
 
+@pytest.mark.slow
+def test_a_sweep_loses_a_trial_with_its_node_records_it_and_leaves_no_run_running(s3_bucket, tmp_path):
+    got = _scenario("sweep_node_loss", tmp_path, s3_bucket)
+    assert got["returncode"] == 0, got["log"]
+    nodes = {m.split("-")[2] for m in got["marks"]}  # trial-t{threshold}-{node}-pid{p}, written by each trial
+    assert got["nodes"]["head"] in nodes and got["nodes"]["worker"] in nodes  # trials ran on both nodes
+    status = {t["key"]: t["status"] for t in got["trials"]}
+    assert len(status) == 4 and list(status.values()).count("ERROR") == 1, got["trials"]
+    lost = next(t for t in got["trials"] if t["status"] == "ERROR")
+    assert got["num_failed"] == 1 and got["recommended"] is None  # a sweep with a hole recommends nothing
+    assert lost["error"], got["trials"]
+    assert "multinode-sweep-sweep" in got["sweep_dirs"]  # Tune's experiment is on S3
+    runs = got["runs"]
+    assert not [r for r in runs if r["status"] == "RUNNING"], runs  # no MLflow run left RUNNING
+    killed = [r for r in runs if r["status"] == "KILLED"]
+    assert len(killed) == 1 and killed[0]["stage"] == "trial" and "died" in killed[0]["error"]
+    assert killed[0]["parent"] == got["parent_run_id"]
+    assert sorted(r["status"] for r in runs if r["stage"] == "trial") == ["FINISHED"] * 3 + ["KILLED"]
+
+
+@pytest.mark.slow
+def test_submit_runs_ingest_on_the_multinode_head_with_tasks_on_both_nodes(s3_bucket, tmp_path):
+    got = _scenario("submit", tmp_path, s3_bucket)
+    assert got["returncode"] == 0 and got["code"] == 0 and got["status"].endswith("SUCCEEDED"), got["log"]
+    assert got["tiles"] > 0 and got["ingest_tasks"] >= 2
+    assert set(got["ingest_nodes"]) == {got["nodes"]["head"], got["nodes"]["worker"]}, got
+
+
 def test_the_shared_storage_rule(tmp_path):
     local = load_config("tiny", [f"paths.root={tmp_path}"])
     check_shared_storage(local, 1)  # one node: a local path is fine (the laptop demo)

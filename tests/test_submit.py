@@ -15,6 +15,7 @@ import pytest
 from histodiff.storage import Store
 from histodiff import submit
 from histodiff.config import ConfigError
+from histodiff.errors import UserError
 
 
 def test_entrypoint_uses_the_cli_a_preset_or_a_shipped_config_and_joins_the_cluster(tmp_path, monkeypatch):
@@ -26,6 +27,13 @@ def test_entrypoint_uses_the_cli_a_preset_or_a_shipped_config_and_joins_the_clus
     assert sweep[3:5] == ["sweep", "--config"] and sweep[sweep.index("--space") + 1] == "tuning/search_space.yaml"
     with pytest.raises(ConfigError, match="unknown preset"):
         submit.entrypoint("ingest", "tinny", [])
+    # --stages: the pipeline's subset, checked and put in data-flow order before anything is submitted.
+    first = shlex.split(submit.entrypoint("pipeline", "tiny", [], stages="autoencoder,ingest"))
+    assert first[first.index("--stages") + 1] == "ingest,autoencoder"
+    with pytest.raises(UserError, match="unknown stage 'foo'"):
+        submit.entrypoint("pipeline", "tiny", [], stages="ingest,foo")
+    with pytest.raises(UserError, match="pipeline only"):
+        submit.entrypoint("ingest", "tiny", [], stages="ingest")
     shipped = tmp_path / "shipped"
     (shipped / "configs").mkdir(parents=True)
     (shipped / "configs" / "mine.yaml").write_text("name: mine\n")

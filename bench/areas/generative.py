@@ -10,6 +10,11 @@ All figures come from one run on one machine, side by side:
 - ``rss_10x_over_1x``: peak RSS of the whole pretrain job (driver + local Ray) on 10x vs 1x the
   latents, each run for one pass over its data. Target <= 1.2 (the latents are streamed).
 - ``two_vs_one_worker_ratio``: samples/s with 2 Ray Train workers vs 1, one thread each. Target >= 1.7.
+- ``multinode_two_node_vs_one_node_ratio``: the same 2 workers placed on two Ray nodes (a head and a
+  worker node of ``ray.cluster_utils.Cluster``, STRICT_SPREAD) vs both on one node (STRICT_PACK), on
+  the same machine and the same CPUs: the cost of crossing nodes (gradients and data between two
+  raylets and object stores). Target >= 0.9. Measured in a child process (one Ray per process),
+  alternating the layouts twice and keeping each one's best.
 """
 
 from __future__ import annotations
@@ -31,16 +36,16 @@ log = logging.getLogger(__name__)
 
 def _bench_loop(config: dict) -> None:
     import ray.train
-    import ray.train.torch
 
     from histodiff.config import config_from_dict
     from histodiff.runtime import device_for
+    from histodiff.train import common
     from histodiff.train import denoiser as tr
 
     torch.set_num_threads(config["threads"])
     cfg = config_from_dict(config["cfg"])
     device = device_for(cfg.ray.use_gpu)
-    state = tr.make_state(cfg.denoiser, config["shape"], device, cfg.seed, wrap=ray.train.torch.prepare_model)
+    state = tr.make_state(cfg.denoiser, config["shape"], device, cfg.seed, wrap=common.prepare_ddp)
     batches = tr._shard_batches(ray.train.get_dataset_shard("train"), cfg.denoiser.batch_size, device)
     seconds = timed(lambda: tr.train_step(state, [next(batches)]), device)
     rate = cfg.denoiser.batch_size * ray.train.get_context().get_world_size() / seconds
@@ -50,22 +55,84 @@ def _bench_loop(config: dict) -> None:
     ray.train.report({"samples_per_s": rate})
 
 
-def _ray_rate(cfg: Any, shape: list[int], workers: int, threads: int, stage: str) -> float:
+def ray_rate(cfg: Any, shape: list[int], workers: int, threads: int, stage: str,
+             placement: str | None = None) -> float:
+    """Return the samples/s of ``workers`` Ray Train workers streaming the cached latents (the pretrain path)."""
     from histodiff.data.encode import latent_dataset
+    from histodiff.data.readers import read_spec, rows_per_pass
+    from histodiff.runner import Context
+    from histodiff.storage import Store
     from histodiff.train import common
-    from histodiff.data.readers import rows_per_pass
 
     cfg = cfg.model_copy(deep=True)
     cfg.ray.num_workers = workers
     cfg.ray.cpus_per_worker = 0.5 if workers > 1 else 1.0  # leave Ray Data a CPU on 2 cores
+    if placement:
+        cfg.ray.placement_strategy = placement
+    store = Store(cfg.storage)
     out = os.path.join(cfg.paths.root, f"{stage}.rate")
+    read = read_spec(cfg)
+    data = latent_dataset(cfg.paths.latents, store, read,
+                          rows_per_pass=rows_per_pass(read, cfg.denoiser.batch_size, workers))
+    ctx = Context(store=store, ray=cfg.ray, name=cfg.name, checkpoints_uri=cfg.paths.checkpoints, stage=stage)
     loop_config = {"cfg": cfg.public_dict(), "shape": shape, "threads": threads, "out": out}
-    trainer = common.build_trainer(cfg, _bench_loop, loop_config, stage,
-                                   datasets={"train": latent_dataset(cfg.paths.latents, cfg,
-                                                                     rows_per_pass=rows_per_pass(cfg, cfg.denoiser.batch_size))})
-    trainer.fit()
+    common.build_trainer(ctx, _bench_loop, loop_config, stage, datasets={"train": data}).fit()
     with open(out) as f:
         return float(f.read())
+
+
+def two_node_rates(root: str, preset: str = "tiny", rounds: int = 2) -> dict[str, float]:
+    """Return the best samples/s of 2 workers on one node and on two nodes (run in a process of its own).
+
+    One machine's 2 CPUs either way: a head of 2 CPUs alone, or a head and a worker node of 1 CPU
+    each. Each layout starts its own ``Cluster`` and stops it; the layouts alternate ``rounds`` times.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from histodiff.config import load_config
+
+    shape = [3, 8, 8] if preset == "tiny" else [3, 64, 64]
+    batch = load_config(preset).denoiser.batch_size
+    write_synthetic_latents(f"{root}/latents", batch * (WARMUP + MEASURED + 2) * 2, tuple(shape))
+    best = {"one_node": 0.0, "two_nodes": 0.0}
+    for r in range(rounds):
+        for layout in best:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 if layout == "one_node" else 1})
+            try:
+                if layout == "two_nodes":
+                    cluster.add_node(num_cpus=1)
+                cluster.wait_for_nodes()
+                ray.init(address=cluster.address)  # not init_ray: both nodes share this machine's disk
+                sub = f"{root}/{layout}-{r}"
+                cfg = load_config(preset, [f"paths.root={sub}", "tracking.enabled=false", "ray.use_gpu=false",
+                                           f"paths.latents={root}/latents"])
+                placement = "STRICT_PACK" if layout == "one_node" else "STRICT_SPREAD"
+                rate = ray_rate(cfg, shape, 2, 1, f"bench-{layout}", placement)
+                best[layout] = max(best[layout], rate)
+                log.info("two-node bench round %d: %s %.1f samples/s", r, layout, rate)
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
+    return best
+
+
+def _two_node_figure(root: str, preset: str) -> dict[str, float]:
+    """Run :func:`two_node_rates` in a child process (this one already holds a Ray); return its rates."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import json, sys; from bench.areas.generative import two_node_rates; "
+            f"print('RATES', json.dumps(two_node_rates({root!r}, {preset!r})))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RATES ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"the two-node benchmark failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1][6:])
 
 
 def _tree_rss(pid: int) -> int:
@@ -114,7 +181,8 @@ def run(workdir: str, preset: str = "tiny") -> dict[str, dict]:
     import ray
 
     from histodiff.config import load_config
-    from histodiff.train import denoiser as tr
+    from histodiff.runner import run_stage
+    from histodiff.stages import pretrain
 
     gpu = torch.cuda.is_available()
     root = os.path.abspath(os.path.join(workdir, uuid.uuid4().hex[:8]))
@@ -132,19 +200,20 @@ def run(workdir: str, preset: str = "tiny") -> dict[str, dict]:
         torch.set_num_threads(1)  # the same thread count as one Ray worker below
         plain_sps, plain_flops = plain_rate(cfg, shape, torch.device("cpu"))
         matmul = matmul_flops(torch.device("cpu"))
-        ray_one = _ray_rate(cfg, shape, 1, 1, "bench-1w")
-        ray_two = _ray_rate(cfg, shape, 2, 1, "bench-2w")
+        ray_one = ray_rate(cfg, shape, 1, 1, "bench-1w")
+        ray_two = ray_rate(cfg, shape, 2, 1, "bench-2w")
         rss = {}
         for factor in (1, 10):
             n = b * 4 * factor
             sub = load_config(preset, [*base, f"paths.root={root}/rss{factor}", f"denoiser.steps={n // b}",
                                        f"denoiser.checkpoint_every={n // b}", "denoiser.report_every=1000"])
             write_synthetic_latents(sub.paths.latents, n, tuple(shape))
-            rss[factor] = _peak_rss_of(lambda: tr.run(sub))
+            rss[factor] = _peak_rss_of(lambda: run_stage(pretrain, sub))
     finally:
         torch.set_num_threads(threads)
         if started:
             ray.shutdown()
+    two_node = _two_node_figure(f"{root}/multinode", preset) if not gpu else None
     load = os.getloadavg()[0]
     measured = (f"{datetime.now(timezone.utc):%Y-%m-%d} {platform.machine()} {os.cpu_count()} CPUs "
                 f"{torch.cuda.get_device_name() if gpu else 'no GPU'} (load avg {load:.1f})")
@@ -160,4 +229,9 @@ def run(workdir: str, preset: str = "tiny") -> dict[str, dict]:
         "denoiser_samples_per_s": figure({"plain_1thread": round(plain_sps, 1), "ray_1worker": round(ray_one, 1),
                                           "ray_2workers": round(ray_two, 1)}, "samples/s", "informational"),
     }
+    if two_node is not None:
+        out["multinode_two_node_vs_one_node_ratio"] = figure(
+            round(two_node["two_nodes"] / two_node["one_node"], 3), "ratio",
+            f">= 0.9; 2 workers x 1 thread on two Ray nodes of 1 CPU vs one node of 2 CPUs, one machine "
+            f"(best of 2 each: {two_node['two_nodes']:.1f} vs {two_node['one_node']:.1f} samples/s)")
     return out

@@ -126,7 +126,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not address:
         raise UserError("submit needs the cluster: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     return submit(args.stage, address, args.config, args.overrides, token=args.token, pip=args.pip,
-                  follow=not args.no_wait, space=getattr(args, "space", None))
+                  follow=not args.no_wait, space=getattr(args, "space", None), stages=args.stages)
 
 
 def cmd_tracking(args: argparse.Namespace) -> int:
@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", "run a stage or the whole pipeline on a local (embedded) Ray")
     p.add_argument("stage", choices=stages, metavar="STAGE", help=f"one of: {', '.join(stages)}")
-    p.add_argument("--stages", default=None, help="pipeline only: comma-separated subset, e.g. ingest,autoencoder")
+    stages_help = "pipeline only: comma-separated subset, e.g. ingest,autoencoder"
+    p.add_argument("--stages", default=None, help=stages_help)
     common(p)
     p.set_defaults(fn=cmd_run)
 
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pip", action="store_true", help="also install the package's dependencies on the cluster")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without following logs")
     p.add_argument("--space", default=None, help="sweep only: search-space YAML inside this repository")
+    p.add_argument("--stages", default=None, help=stages_help)
     common(p)
     p.set_defaults(fn=cmd_submit)
 

@@ -118,9 +118,10 @@ class RayConfig(_Strict):
         "torch threads of each CPU training worker; default: its cpus_per_worker (Ray's OMP_NUM_THREADS). "
         "More threads than CPUs lets one worker use a small machine's cores while Ray Data keeps a CPU"))
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how Ray Train places its workers: PACK fills a node first (no network between workers "
-                            "that fit on one); SPREAD / STRICT_SPREAD put them on different nodes")
+                            "that fit on one); STRICT_PACK insists on one node; SPREAD / STRICT_SPREAD put them on "
+                            "different nodes")
     max_failures: int = Field(2, ge=0)
     checkpoints_to_keep: int = Field(2, ge=1, description="Ray Train CheckpointConfig.num_to_keep")
     checkpoint_upload_mode: Literal["sync", "async"] = Field(

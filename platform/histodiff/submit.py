@@ -63,13 +63,23 @@ def _config_arg(config: str) -> str:
     return config  # a preset name: the presets travel inside the package (py_modules)
 
 
-def entrypoint(stage: str, config: str, overrides: list[str], space: str | None = None) -> str:
-    """Return the job's shell command: the same CLI, with a preset name or a YAML path inside working_dir."""
+def entrypoint(stage: str, config: str, overrides: list[str], space: str | None = None,
+               stages: str | None = None) -> str:
+    """Return the job's shell command: the same CLI, with a preset name or a YAML path inside working_dir.
+
+    ``stages`` (the pipeline only) is checked here, before anything reaches the cluster.
+    """
     cfg_path = _config_arg(config)
     # Inside a Ray job the driver must join the cluster, not start an embedded Ray.
     args = ["python", "-m", "histodiff.cli", "sweep" if stage == "sweep" else "run"]
     if stage != "sweep":
         args.append(stage)
+    if stages:
+        from histodiff.pipeline import resolve_stages
+
+        if stage != "pipeline":
+            raise UserError(f"--stages {stages} applies to the pipeline only, not to {stage!r}")
+        args += ["--stages", ",".join(resolve_stages(stages.split(",")))]
     args += ["--config", cfg_path]
     if space:
         args += ["--space", _inside_working_dir(Path(space), "search space")]
@@ -145,11 +155,12 @@ def alive_nodes(address: str) -> int | None:
 
 
 def submit(stage: str, address: str, config: str, overrides: list[str], token: str | None = None,
-           pip: bool = False, follow: bool = True, space: str | None = None) -> int:
+           pip: bool = False, follow: bool = True, space: str | None = None, stages: str | None = None) -> int:
     """Submit the job, print its id, follow its logs; return 0 when it succeeded (or was not followed)."""
     from ray.job_submission import JobStatus
 
     cfg = load_config(config, overrides)  # fail here, not on the cluster
+    command = entrypoint(stage, config, overrides, space, stages)
     client = _client(address, token)
     if cfg.tracking.enabled and cfg.tracking.tracking_uri.startswith("sqlite") and \
             not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -161,7 +172,6 @@ def submit(stage: str, address: str, config: str, overrides: list[str], token: s
     nodes = alive_nodes(address)
     if nodes is not None:
         check_shared_storage(cfg, nodes, address)  # a head-local paths.root is refused before the job starts
-    command = entrypoint(stage, config, overrides, space)
     job_id = None
     for attempt in range(30):  # a head that just started has no job agent yet: Ray says "try again later"
         try:

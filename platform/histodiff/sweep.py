@@ -263,6 +263,9 @@ def run(cfg: HistodiffConfig, trial_fn: TrialFn | None = None) -> SweepResult:
                            "val_gain": metrics.get("val_gain"), "test_gain": metrics.get("test_gain"),
                            "status": "ERROR" if res.error else "OK",
                            "error": _error_line(res.error) if res.error else None})
+        # Every trial is over: a trial run still RUNNING lost its process (its node died, say).
+        tracking.end_orphaned_children(cfg, parent.run_id, "the trial's process died before it ended this run "
+                                       "(its node was lost, or it was killed)")
         num_failed = sum(t["status"] != "OK" for t in trials)
         best, best_val, best_test = recommend(trials) if not num_failed else (None, None, None)
         result = SweepResult(trials=trials, recommended=best, recommended_val_gain=best_val,

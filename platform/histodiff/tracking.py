@@ -217,6 +217,38 @@ def end_stale_run(cfg: HistodiffConfig, run_id: str, successor: str | None) -> N
         log.info("could not close the earlier attempt's MLflow run %s: %s", run_id, reason(exc))
 
 
+def end_orphaned_children(cfg: HistodiffConfig, parent_run_id: str | None, why: str) -> list[str]:
+    """End as KILLED every run nested under ``parent_run_id`` (at any depth) that is still RUNNING; return their ids.
+
+    Called once all the children's processes are over (a sweep's trials after ``Tuner.fit``): a
+    child still RUNNING then belonged to a process that died without ending it, for example
+    with the node it ran on. ``why`` goes into its ``histodiff.error`` tag.
+    """
+    if not cfg.tracking.enabled or not parent_run_id:
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=_mlflow_ready(cfg))
+    ended: list[str] = []
+    try:
+        exp_id = client.get_run(parent_run_id).info.experiment_id
+        todo = [parent_run_id]
+        while todo:
+            children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{todo.pop()}'", max_results=1000)
+            for run in children:
+                todo.append(run.info.run_id)
+                if run.info.status == "RUNNING":
+                    client.set_tag(run.info.run_id, "histodiff.error", why)
+                    client.set_terminated(run.info.run_id, "KILLED")
+                    ended.append(run.info.run_id)
+    except Exception as exc:  # a server that is down: the runs stay as they are, said once
+        log.warning("could not close the MLflow runs left open under %s: %s", parent_run_id, reason(exc))
+    if ended:
+        log.warning("%d MLflow run(s) under %s were left RUNNING by a process that died; ended as KILLED",
+                    len(ended), parent_run_id)
+    return ended
+
+
 def sync_pending(cfg: HistodiffConfig, store: Store | None = None) -> list[tuple[str, int]]:
     """Send the calls that earlier commands left waiting for this config's server; return (run id, calls sent).
 

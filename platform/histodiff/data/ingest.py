@@ -234,7 +234,9 @@ def ingest_set(name: str, items: list[tuple[str, str | None, str]], out_uri: str
         _clear_stale(out_uri, store)
     per = settings.tiles_per_shard
     chunks = [items[i : i + per] for i in range(0, len(items), per)]
-    process = ray.remote(_process_chunk).options(num_returns=2, num_cpus=1)
+    # Reading and decoding is I/O and CPU on every node: spread the chunks over the cluster (Ray's default
+    # packs them onto the driver's node first). Writes follow their table (locality).
+    process = ray.remote(_process_chunk).options(num_returns=2, num_cpus=1, scheduling_strategy="SPREAD")
     write = ray.remote(_write_chunk).options(num_cpus=1)
     window = max(2, int(ray.available_resources().get("CPU", 1)) * 2)
 

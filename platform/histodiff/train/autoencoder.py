@@ -195,7 +195,6 @@ class AutoencoderTrainee:
 def train_loop(config: dict) -> None:
     """Ray Train worker: stream tiles, train to ``autoencoder.steps`` through the loop skeleton."""
     import ray.train
-    from ray.train.torch import prepare_model
 
     set_worker_threads(config["threads_per_worker"])
     spec, store = config["spec"], config["store"]
@@ -204,7 +203,7 @@ def train_loop(config: dict) -> None:
     device = device_for(config["use_gpu"])
     torch.manual_seed(spec.seed + info.rank)
     state = load_perceptual_state(ae.perceptual_weights_uri, store) if ae.perceptual_weight > 0 else None
-    parts = make_parts(ae, device, state, prepare=prepare_model)
+    parts = make_parts(ae, device, state, prepare=common.prepare_ddp)
     trainee = AutoencoderTrainee(parts, _tile_batches(ray.train.get_dataset_shard("train"), ae.batch_size, device),
                                  ae, device)
     loop.train(trainee, loop.Cadence(ae.steps, ae.report_every, ae.checkpoint_every), config, device="cpu",

@@ -44,6 +44,17 @@ class CheckpointUploadError(OSError):
     """A checkpoint could not be uploaded after the configured number of tries."""
 
 
+def prepare_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """Return ``model`` ready for Ray Train (DDP across workers, moved to the worker's device).
+
+    Gradients are views of DDP's all-reduce buckets: no copy of every gradient into its bucket
+    and back on each step (on a CPU every copy takes the cores the step needs).
+    """
+    from ray.train.torch import prepare_model
+
+    return prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+
+
 # ----------------------------------------------------------------------------- driver side
 
 

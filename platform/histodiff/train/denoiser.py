@@ -61,7 +61,9 @@ def make_state(dcfg: DenoiserConfig, latent_shape: list[int], device: torch.devi
         model = torch.compile(model)
     ema = dn.build_ema(unet, dcfg.ema_decay)
     ema.to(device)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=dcfg.lr, weight_decay=0.0, fused=device.type == "cuda")
+    # Fused on the CPU too (torch >= 2.4): one kernel for every tensor, not a dozen small ops per parameter
+    # (measured on the tiny preset, one thread: the per-parameter loop was ~9% of a step).
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=dcfg.lr, weight_decay=0.0, fused=True)
     warmup = dcfg.warmup_steps
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     return TrainState(unet, model, ema, optimizer, lr_schedule, ddpm_scheduler(dcfg.schedule), dcfg, device,
@@ -96,7 +98,7 @@ def train_step(state: TrainState, micro_batches: list[torch.Tensor]) -> float:
             loss = diffusion_loss(eps_pred.float(), noise, state.dcfg.loss) / len(micro_batches)
             loss.backward()
         total += float(loss.detach())
-    torch.nn.utils.clip_grad_norm_(state.unet.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(state.unet.parameters(), 1.0, foreach=True)
     state.optimizer.step()
     state.lr_schedule.step()
     state.optimizer.zero_grad(set_to_none=True)
@@ -250,13 +252,12 @@ class DenoiserTrainee:
 def train_loop(config: dict) -> None:
     """Ray Train worker: stream latents, train with DDP through the loop skeleton, resume."""
     import ray.train
-    import ray.train.torch
 
     set_worker_threads(config["threads_per_worker"])
     spec = config["spec"]
     info = common.worker_info()
     device = device_for(config["use_gpu"])
-    state = make_state(spec.denoiser, config["latent_shape"], device, spec.seed, wrap=ray.train.torch.prepare_model)
+    state = make_state(spec.denoiser, config["latent_shape"], device, spec.seed, wrap=common.prepare_ddp)
     state.generator.manual_seed(spec.seed * 1000 + info.rank)
     batches = _shard_batches(ray.train.get_dataset_shard("train"), spec.denoiser.batch_size, device)
     vae = _load_vae(spec, config["store"], device) if info.rank == 0 else None

@@ -142,8 +142,6 @@ def accuracy_at_timesteps(model: Any, latents: torch.Tensor, labels: torch.Tenso
 
 def train_loop(config: dict) -> None:
     """Ray Train worker: load the train-split latents, train (DDP) through the loop skeleton, resume."""
-    import ray.train.torch
-
     from histodiff.diffusion.schedule import ddpm_scheduler
     from histodiff.runtime import device_for, set_worker_threads
 
@@ -161,7 +159,7 @@ def train_loop(config: dict) -> None:
         labels = torch.cat([labels, torch.tensor(pseudo["label_ids"], dtype=torch.long)])
         weights = torch.cat([torch.ones(len(config["train_sha1"])), torch.tensor(pseudo["confidence"]).float()])
     model = build_classifier(ccfg, latents.shape[1], len(config["classes"])).to(device)
-    model = ray.train.torch.prepare_model(model) if info.in_ray else model
+    model = common.prepare_ddp(model) if info.in_ray else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=ccfg.lr, weight_decay=ccfg.weight_decay)
     # Each rank draws its own batches (seed + rank); DDP averages their gradients.
     trainee = ClassifierTrainee(model, optimizer, latents * spec.latents.scale_factor, labels,
