@@ -48,6 +48,7 @@ def _bench_loop(config: dict) -> None:
     from histodiff.checkpoint import load_exported
     from histodiff.config import config_from_dict
     from histodiff.runtime import autocast, device_for, prefetch_batches
+    from histodiff.storage import Store
     from histodiff.train import denoiser as dn_train
 
     cfg = config_from_dict(config["cfg"])
@@ -56,7 +57,7 @@ def _bench_loop(config: dict) -> None:
     batch_size = cfg.denoiser.batch_size
     vae = None
     if config["mode"] == "onthefly":
-        vae = load_exported(AutoencoderKL, cfg.paths.autoencoder, cfg.storage)[0].to(device).eval()
+        vae = load_exported(AutoencoderKL, cfg.paths.autoencoder, Store(cfg.storage))[0].to(device).eval()
     column = "latent" if vae is None else "image"
     shard = ray.train.get_dataset_shard("train")
 
@@ -74,20 +75,18 @@ def _bench_loop(config: dict) -> None:
         dn_train.train_step(state, [x])
 
     it = batches()
-    for _ in range(WARMUP_STEPS):
+    for _ in range(config["warmup_steps"]):
         step(next(it))
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(MEASURED_STEPS):
+    for _ in range(config["measured_steps"]):
         step(next(it))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    rate = MEASURED_STEPS * batch_size / (time.perf_counter() - start)
+    rate = config["measured_steps"] * batch_size / (time.perf_counter() - start)
     # Train V2's Result.metrics is None without a checkpoint: hand the figure over through storage.
-    from histodiff import storage
-
-    storage.write_json(config["out_uri"], {"samples_per_s": rate}, cfg.storage)
+    Store(cfg.storage).write_json(config["out_uri"], {"samples_per_s": rate})
     ray.train.report({"samples_per_s": rate})
 
 
@@ -98,12 +97,13 @@ def _isolated_costs(cfg: Any, tiles_png: list[bytes], latent_shape: list[int], r
     from histodiff.checkpoint import load_exported
     from histodiff.data.readers import decode_batch
     from histodiff.runtime import autocast, device_for
+    from histodiff.storage import Store
     from histodiff.train import denoiser as dn_train
 
     device = device_for(cfg.ray.use_gpu)
     b = cfg.denoiser.batch_size
     raw = np.array(tiles_png[:b], dtype=object)
-    vae = load_exported(AutoencoderKL, cfg.paths.autoencoder, cfg.storage)[0].to(device).eval()
+    vae = load_exported(AutoencoderKL, cfg.paths.autoencoder, Store(cfg.storage))[0].to(device).eval()
     state = dn_train.make_state(cfg.denoiser, latent_shape, device, cfg.seed)
     x = torch.from_numpy(decode_batch({"image": raw}, [], augment=False)["image"]).to(device)
     z = torch.randn(b, *latent_shape, device=device)
@@ -127,53 +127,69 @@ def _isolated_costs(cfg: Any, tiles_png: list[bytes], latent_shape: list[int], r
             "train": timed(lambda: dn_train.train_step(state, [z]))}
 
 
-def run(workdir: str, preset: str = "tiny") -> dict[str, dict]:
-    """Return cached vs on-the-fly denoiser samples/s, their ratio, and the ideal ratio from isolated costs."""
+def run(workdir: str, preset: str = "tiny", n_tiles: int = N_TILES, warmup_steps: int = WARMUP_STEPS,
+        measured_steps: int = MEASURED_STEPS) -> dict[str, dict]:
+    """Return cached vs on-the-fly denoiser samples/s, their ratio, and the ideal ratio from isolated costs.
+
+    The size arguments keep their defaults for the benchmark; the tests' tiny run lowers them.
+    """
     import ray
 
     from histodiff import checkpoint as ckpt
-    from histodiff import storage
     from histodiff.config import load_config
     from histodiff.data import encode, shards
-    from histodiff.data.readers import tile_dataset
+    from histodiff.data.readers import read_spec, tile_dataset
     from histodiff.models.autoencoder import build_autoencoder, downsample_factor
+    from histodiff.runner import Context
+    from histodiff.storage import Store, join
     from histodiff.train import common
 
     gpu = torch.cuda.is_available()
     root = os.path.abspath(os.path.join(workdir, uuid.uuid4().hex[:8]))
     cfg = load_config(preset, [f"paths.root={root}", "tracking.enabled=false", f"ray.use_gpu={str(gpu).lower()}",
                                "ray.num_workers=1", "ray.address=null"])
+    store = Store(cfg.storage)
+    read = read_spec(cfg)
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False)
     try:
-        tiles = _tiles(N_TILES)
+        tiles = _tiles(n_tiles)
         png = [shards.encode_png(t) for t in tiles]
         names = []
-        for i in range(0, N_TILES, 256):
+        for i in range(0, n_tiles, 256):
             table = shards.tiles_table(tiles[i : i + 256], [None] * len(tiles[i : i + 256]), "bench",
                                        [f"b{j}" for j in range(i, i + 256)])
             names.append(shards.shard_name(len(names)))
-            shards.write_table(table, storage.join(cfg.paths.unlabeled_shards, names[-1]))
-        shards.write_manifest(shards.Manifest(cfg.paths.unlabeled_shards, names, N_TILES, [], TILE))
+            shards.write_table(table, join(cfg.paths.unlabeled_shards, names[-1]), store)
+        shards.write_manifest(shards.Manifest(cfg.paths.unlabeled_shards, names, n_tiles, [], TILE), store)
         torch.manual_seed(cfg.seed)
         vae = build_autoencoder(cfg.autoencoder)
         f = downsample_factor(cfg.autoencoder)
         sha = ckpt.export_model(vae, cfg.paths.autoencoder, {"kind": "autoencoder", "fingerprint": "bench",
                                                              "downsample_factor": f, "tile_size": TILE,
-                                                             "latent_channels": cfg.autoencoder.latent_channels})
-        meta = encode.encode_set(cfg.paths.unlabeled_shards, cfg.paths.latents, cfg, sha)
+                                                             "latent_channels": cfg.autoencoder.latent_channels},
+                                store)
+        meta = encode.encode_set(cfg.paths.unlabeled_shards, cfg.paths.latents, store,
+                                 autoencoder_uri=cfg.paths.autoencoder, autoencoder_sha256=sha, downsample_factor=f,
+                                 encode_batch_size=cfg.autoencoder.encode_batch_size,
+                                 encode_actors=cfg.autoencoder.encode_actors, read=read,
+                                 cpus_per_actor=cfg.ray.cpus_per_worker, use_gpu=cfg.ray.use_gpu)
         rates = {}
         for mode in ("cached", "onthefly"):
             if mode == "cached":
-                ds = encode.latent_dataset(cfg.paths.latents, cfg)
+                ds = encode.latent_dataset(cfg.paths.latents, store, read)
             else:
-                ds = tile_dataset(cfg.paths.unlabeled_shards, cfg, augment=False, batch_size=cfg.denoiser.batch_size)
-            out_uri = storage.join(root, f"rate-{mode}.json")
+                ds = tile_dataset(cfg.paths.unlabeled_shards, store, read, augment=False,
+                                  batch_size=cfg.denoiser.batch_size)
+            out_uri = join(root, f"rate-{mode}.json")
             loop_config = {"cfg": cfg.public_dict(), "mode": mode, "latent_shape": meta["shape"],
-                           "scale_factor": meta["scale_factor"], "out_uri": out_uri}
-            common.build_trainer(cfg, _bench_loop, loop_config, f"bench-{mode}", datasets={"train": ds}).fit()
-            rates[mode] = float(storage.read_json(out_uri)["samples_per_s"])
+                           "scale_factor": meta["scale_factor"], "out_uri": out_uri,
+                           "warmup_steps": warmup_steps, "measured_steps": measured_steps}
+            ctx = Context(store=store, ray=cfg.ray, name=cfg.name, checkpoints_uri=cfg.paths.checkpoints,
+                          stage=f"bench-{mode}")
+            common.build_trainer(ctx, _bench_loop, loop_config, f"bench-{mode}", datasets={"train": ds}).fit()
+            rates[mode] = float(store.read_json(out_uri)["samples_per_s"])
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # as many threads as the Ray worker had
         try:

@@ -44,25 +44,30 @@ def step_ratio(batch_size: int = 32, steps: int = 10, repeats: int = 3) -> tuple
     return best["guided"], best["unguided"], best["guided"] / best["unguided"]
 
 
-def run(workdir: str) -> dict[str, dict]:
-    """Return the guidance benchmark: step-cost ratio, accepted tiles/s and guided vs unguided precision."""
+def run(workdir: str, unet_steps: int = 250, classifier_steps: int = 200, ratio_repeats: int = 3,
+        accepted_per_class: int = 8, max_samples_per_class: int = 32) -> dict[str, dict]:
+    """Return the guidance benchmark: step-cost ratio, accepted tiles/s and guided vs unguided precision.
+
+    The keyword arguments keep their defaults for the benchmark; the tests' tiny run lowers them.
+    """
     import os
     import shutil
 
     import ray
 
-    from histodiff.augment import synthesize
+    from histodiff.runner import run_stage
+    from histodiff.stages import selector, synthesize
 
     measured = _measured()
-    guided_s, unguided_s, ratio = step_ratio()
+    guided_s, unguided_s, ratio = step_ratio(repeats=ratio_repeats)
     torch.manual_seed(0)
-    unet = train_toy_unet(steps=250, seed=0)
+    unet = train_toy_unet(steps=unet_steps, seed=0)
     clf = toy_classifier()
     from histodiff.train.latent_classifier import fit_latent_classifier
 
     z, y = toy_latents(600, seed=1)
-    fit_latent_classifier(clf, z, y, ddpm_scheduler(toy_schedule()), mode="noisy", max_timestep=None, steps=200,
-                          batch_size=64, lr=2e-3, weight_decay=0.0, seed=0)
+    fit_latent_classifier(clf, z, y, ddpm_scheduler(toy_schedule()), mode="noisy", max_timestep=None,
+                          steps=classifier_steps, batch_size=64, lr=2e-3, weight_decay=0.0, seed=0)
     precision = {}
     for scale in (0.0, 3.0):
         from histodiff.diffusion.guidance import classifier_grad_fn
@@ -76,17 +81,17 @@ def run(workdir: str) -> dict[str, dict]:
     bench_dir = os.path.join(workdir, "guidance-bench")
     shutil.rmtree(bench_dir, ignore_errors=True)  # a finished earlier run would be skipped, timing nothing
     cfg = write_toy_inputs(bench_dir, unet=unet, classifier=clf)
-    cfg.synthesis.accepted_per_class = 8
-    cfg.synthesis.max_samples_per_class = 32
+    cfg.synthesis.accepted_per_class = accepted_per_class
+    cfg.synthesis.max_samples_per_class = max_samples_per_class
     cfg.synthesis.batch_size = 8
     cfg.synthesis.num_inference_steps = 20
     cfg.synthesis.guidance_scale = 3.0
-    synthesize.ensure_selector(cfg)
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False)
     try:
-        result = synthesize.run(cfg)
+        run_stage(selector, cfg)  # trains and exports the selector (not timed)
+        result = run_stage(synthesize, cfg)  # its seconds: the whole stage, actor start included
     finally:
         if started:
             ray.shutdown()

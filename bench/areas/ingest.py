@@ -69,10 +69,10 @@ def run(workdir: str, n_tiles: int = N_TILES) -> dict[str, dict]:
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    from histodiff import storage
     from histodiff.config import load_config
     from histodiff.data import shards
-    from histodiff.data.readers import tile_dataset
+    from histodiff.data.readers import read_spec, tile_dataset
+    from histodiff.storage import Store, join
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,22 +89,24 @@ def run(workdir: str, n_tiles: int = N_TILES) -> dict[str, dict]:
             ray.init(include_dashboard=False, runtime_env={"env_vars": {**ENV, "AWS_ENDPOINT_URL_S3": endpoint}})
         cfg = load_config("tiny", [f"paths.root={workdir}", "tracking.enabled=false",
                                    f"storage.endpoint_url={endpoint}"])
-        storage.makedirs(f"s3://{BUCKET}", cfg.storage)
+        store = Store(cfg.storage)
+        read = read_spec(cfg)
+        store.makedirs(f"s3://{BUCKET}")
         tiles = _tiles(n_tiles)
         encoded = [shards.encode_png(t) for t in tiles]
         loose = [f"s3://{BUCKET}/loose/t{i:06d}.png" for i in range(n_tiles)]
         with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda a: storage.write_bytes(a[0], a[1], cfg.storage), zip(loose, encoded)))
+            list(pool.map(lambda a: store.write_bytes(a[0], a[1]), zip(loose, encoded)))
         shard_uri = f"s3://{BUCKET}/shards"
         names = []
         for s in range(0, n_tiles, PER_SHARD):
             idx = range(s, min(n_tiles, s + PER_SHARD))
             table = shards.tiles_table([tiles[i] for i in idx], [None] * len(idx), "bench", [loose[i] for i in idx])
             names.append(shards.shard_name(len(names)))
-            shards.write_table(table, storage.join(shard_uri, names[-1]), cfg.storage)
+            shards.write_table(table, join(shard_uri, names[-1]), store)
         shards.write_manifest(shards.Manifest(uri=shard_uri, shards=names, num_tiles=n_tiles, classes=[],
-                                              tile_size=TILE), cfg.storage)
-        fs = storage.resolve(shard_uri, cfg.storage).fs
+                                              tile_size=TILE), store)
+        fs = store.resolve(shard_uri).fs
         paths = [u[5:] for u in loose]
 
         def loose_ds(subset: list[str]) -> Any:
@@ -112,10 +114,10 @@ def run(workdir: str, n_tiles: int = N_TILES) -> dict[str, dict]:
                 _decode_loose, batch_format="numpy", batch_size=BATCH)
 
         _count(loose_ds(paths[:64]))  # warm-up: worker start-up is not throughput
-        _count(tile_dataset(shard_uri, cfg, augment=False, batch_size=BATCH))
+        _count(tile_dataset(shard_uri, store, read, augment=False, batch_size=BATCH))
         timings = {}
         start = time.perf_counter()
-        assert _count(tile_dataset(shard_uri, cfg, augment=False, batch_size=BATCH)) == n_tiles
+        assert _count(tile_dataset(shard_uri, store, read, augment=False, batch_size=BATCH)) == n_tiles
         timings["shards"] = time.perf_counter() - start
         start = time.perf_counter()
         assert _count(loose_ds(paths)) == n_tiles
