@@ -1,4 +1,4 @@
-"""The autoencoder, ingest and guidance benchmark areas run for real at tiny size and return well-formed figures.
+"""The autoencoder, ingest, guidance, generative and tracking benchmark areas run for real at tiny size and return well-formed figures.
 
 Each test calls the area's ``run()`` on the session's Ray (the areas reuse an initialised Ray and
 leave it running), with the area's size knobs lowered; production defaults are untouched. The
@@ -60,3 +60,19 @@ def test_guidance_area_runs_tiny(ray_local, tmp_path):
                            accepted_per_class=2, max_samples_per_class=8)
     _check(figures, {"guided_vs_unguided_step_ratio", "accepted_tiles_per_s", "toy_guidance_precision_guided",
                      "toy_guidance_precision_unguided"})
+
+
+def test_generative_area_runs_tiny(ray_local, tmp_path):
+    from bench.areas import generative
+
+    figures = generative.run(str(tmp_path), two_node_rounds=1)  # the two-node layouts in a child process
+    _check(figures, {"ray_train_overhead_ratio", "mfu_cpu", "rss_10x_over_1x", "two_vs_one_worker_ratio",
+                     "denoiser_samples_per_s", "multinode_two_node_vs_one_node_ratio"})
+    assert "best of 1 each" in figures["multinode_two_node_vs_one_node_ratio"]["goal"]
+
+
+def test_tracking_area_runs_tiny(tmp_path):
+    from bench.areas import tracking
+
+    _check(tracking.run(str(tmp_path)), {"tracking_log_ms_per_step", "tracking_buffered_ms_per_step",
+                                         "tracking_dead_server_total_s"})

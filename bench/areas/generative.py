@@ -117,7 +117,7 @@ def two_node_rates(root: str, preset: str = "tiny", rounds: int = 2) -> dict[str
     return best
 
 
-def _two_node_figure(root: str, preset: str) -> dict[str, float]:
+def _two_node_figure(root: str, preset: str, rounds: int = 2) -> dict[str, float]:
     """Run :func:`two_node_rates` in a child process (this one already holds a Ray); return its rates."""
     import json
     import subprocess
@@ -125,7 +125,7 @@ def _two_node_figure(root: str, preset: str) -> dict[str, float]:
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = ("import json, sys; from bench.areas.generative import two_node_rates; "
-            f"print('RATES', json.dumps(two_node_rates({root!r}, {preset!r})))")
+            f"print('RATES', json.dumps(two_node_rates({root!r}, {preset!r}, {rounds!r})))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
@@ -176,7 +176,7 @@ def _peak_rss_of(fn: Any) -> int:
     return peak[0]
 
 
-def run(workdir: str, preset: str = "tiny") -> dict[str, dict]:
+def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2) -> dict[str, dict]:
     """Return the pretraining figures (see the module docstring), measured side by side."""
     import ray
 
@@ -213,7 +213,7 @@ def run(workdir: str, preset: str = "tiny") -> dict[str, dict]:
         torch.set_num_threads(threads)
         if started:
             ray.shutdown()
-    two_node = _two_node_figure(f"{root}/multinode", preset) if not gpu else None
+    two_node = _two_node_figure(f"{root}/multinode", preset, two_node_rounds) if not gpu else None
     load = os.getloadavg()[0]
     measured = (f"{datetime.now(timezone.utc):%Y-%m-%d} {platform.machine()} {os.cpu_count()} CPUs "
                 f"{torch.cuda.get_device_name() if gpu else 'no GPU'} (load avg {load:.1f})")
@@ -233,5 +233,5 @@ def run(workdir: str, preset: str = "tiny") -> dict[str, dict]:
         out["multinode_two_node_vs_one_node_ratio"] = figure(
             round(two_node["two_nodes"] / two_node["one_node"], 3), "ratio",
             f">= 0.9; 2 workers x 1 thread on two Ray nodes of 1 CPU vs one node of 2 CPUs, one machine "
-            f"(best of 2 each: {two_node['two_nodes']:.1f} vs {two_node['one_node']:.1f} samples/s)")
+            f"(best of {two_node_rounds} each: {two_node['two_nodes']:.1f} vs {two_node['one_node']:.1f} samples/s)")
     return out
