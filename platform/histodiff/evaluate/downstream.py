@@ -144,7 +144,7 @@ def train_and_score(arm: str, seed: int, splits: Splits, extra: Extra | None, re
     kwargs: dict[str, Any] = {}
     if extra is not None and len(extra):
         weight = extra.weight if extra.weight is not None else np.ones(len(extra), np.float32)
-        y = torch.from_numpy(extra.y)
+        y = torch.tensor(extra.y)  # a copy: arrays from Ray's object store are read-only
         if recipe.synthetic_label_smoothing > 0:  # soft labels: trust each extra tile a little less
             eps = recipe.synthetic_label_smoothing
             y = soft_targets(y, num_classes) * (1 - eps) + eps / num_classes
