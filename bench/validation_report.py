@@ -56,7 +56,11 @@ def budget_figures(cells: list[dict]) -> dict[str, Any]:
 def figures(cells: list[dict], protocol: Any, precision_unguided: float, wall_s: float,
             generator: dict | None = None) -> dict[str, Any]:
     """Return the benchmark keys of issue 14 from every cell of one run."""
-    curve = {str(b): budget_figures([c for c in cells if c["budget"] == b]) for b in protocol.budgets}
+    by_budget = {str(b): [c for c in cells if c["budget"] == b] for b in protocol.budgets}
+    missing = [b for b, cs in by_budget.items() if not cs]
+    curve = {b: budget_figures(cs) for b, cs in by_budget.items() if cs}
+    if not curve:
+        raise ValueError(f"no validation cell finished for any budget of {list(protocol.budgets)}: nothing to report")
     budgets = list(curve)
     adjusted = holm([curve[b].get("augmented", {}).get("p_value", math.nan) for b in budgets])
     for b, p in zip(budgets, adjusted):
@@ -75,6 +79,7 @@ def figures(cells: list[dict], protocol: Any, precision_unguided: float, wall_s:
         "guidance_precision_unguided": precision_unguided,
         "validate_wall_s": wall_s,
         "validate_generator": generator or {},
+        "validate_budgets_without_cells": [int(b) for b in missing],
     }
 
 

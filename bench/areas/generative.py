@@ -9,7 +9,8 @@ All figures come from one run on one machine, side by side:
   preset. ``mfu_gpu`` belongs to the ``gpu`` area (the paper preset, plain PyTorch).
 - ``rss_10x_over_1x``: peak RSS of the whole pretrain job (driver + local Ray) on 10x vs 1x the
   latents, each run for one pass over its data. Target <= 1.2 (the latents are streamed).
-- ``two_vs_one_worker_ratio``: samples/s with 2 Ray Train workers vs 1, one thread each. Target >= 1.7.
+- ``two_vs_one_worker_ratio``: samples/s with 2 Ray Train workers vs 1, one thread each, the two
+  alternated ``rounds`` times and each one's best kept. Target >= 1.7.
 - ``multinode_two_node_vs_one_node_ratio``: the same 2 workers placed on two Ray nodes (a head and a
   worker node of ``ray.cluster_utils.Cluster``, STRICT_SPREAD) vs both on one node (STRICT_PACK), on
   the same machine and the same CPUs: the cost of crossing nodes (gradients and data between two
@@ -19,10 +20,12 @@ All figures come from one run on one machine, side by side:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
 import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -47,11 +50,19 @@ def _bench_loop(config: dict) -> None:
     device = device_for(cfg.ray.use_gpu)
     state = tr.make_state(cfg.denoiser, config["shape"], device, cfg.seed, wrap=common.prepare_ddp)
     batches = tr._shard_batches(ray.train.get_dataset_shard("train"), cfg.denoiser.batch_size, device)
-    seconds = timed(lambda: tr.train_step(state, [next(batches)]), device)
+    waits: list[float] = []
+
+    def step() -> None:
+        t = time.perf_counter()
+        batch = next(batches)
+        waits.append(time.perf_counter() - t)
+        tr.train_step(state, [batch])
+
+    seconds = timed(step, device)
     rate = cfg.denoiser.batch_size * ray.train.get_context().get_world_size() / seconds
     if ray.train.get_context().get_world_rank() == 0:  # Result.metrics is only kept with checkpoints
-        with open(config["out"], "w") as f:
-            f.write(str(rate))
+        with open(config["out"], "w") as f:  # the data wait over the measured steps only
+            json.dump({"rate": rate, "step_ms": 1000 * seconds, "data_wait_ms": 1000 * sum(waits[-MEASURED:]) / MEASURED}, f)
     ray.train.report({"samples_per_s": rate})
 
 
@@ -78,7 +89,10 @@ def ray_rate(cfg: Any, shape: list[int], workers: int, threads: int, stage: str,
     loop_config = {"cfg": cfg.public_dict(), "shape": shape, "threads": threads, "out": out}
     common.build_trainer(ctx, _bench_loop, loop_config, stage, datasets={"train": data}).fit()
     with open(out) as f:
-        return float(f.read())
+        got = json.load(f)
+    log.info("%s: %.1f samples/s, %.0f ms per step of which %.0f ms waiting for data (rank 0)",
+             stage, got["rate"], got["step_ms"], got["data_wait_ms"])
+    return float(got["rate"])
 
 
 def two_node_rates(root: str, preset: str = "tiny", rounds: int = 2) -> dict[str, float]:
@@ -119,7 +133,6 @@ def two_node_rates(root: str, preset: str = "tiny", rounds: int = 2) -> dict[str
 
 def _two_node_figure(root: str, preset: str, rounds: int = 2) -> dict[str, float]:
     """Run :func:`two_node_rates` in a child process (this one already holds a Ray); return its rates."""
-    import json
     import subprocess
     import sys
 
@@ -176,7 +189,7 @@ def _peak_rss_of(fn: Any) -> int:
     return peak[0]
 
 
-def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2) -> dict[str, dict]:
+def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: int = 2) -> dict[str, dict]:
     """Return the pretraining figures (see the module docstring), measured side by side."""
     import ray
 
@@ -200,8 +213,10 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2) -> dict[st
         torch.set_num_threads(1)  # the same thread count as one Ray worker below
         plain_sps, plain_flops = plain_rate(cfg, shape, torch.device("cpu"))
         matmul = matmul_flops(torch.device("cpu"))
-        ray_one = ray_rate(cfg, shape, 1, 1, "bench-1w")
-        ray_two = ray_rate(cfg, shape, 2, 1, "bench-2w")
+        ray_one = ray_two = 0.0  # alternated, best of each: one round on 2 shared cores is noise (ratios 1.2 to 1.75)
+        for r in range(rounds):
+            ray_one = max(ray_one, ray_rate(cfg, shape, 1, 1, f"bench-1w-{r}"))
+            ray_two = max(ray_two, ray_rate(cfg, shape, 2, 1, f"bench-2w-{r}"))
         rss = {}
         for factor in (1, 10):
             n = b * 4 * factor
@@ -225,7 +240,8 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2) -> dict[st
         "ray_train_overhead_ratio": figure(round(ray_one / plain_sps, 3), "ratio", ">= 0.9"),
         "mfu_cpu": figure(round(plain_flops / matmul, 3), "fraction of fp32 matmul FLOP/s", ">= 0.5 (tiny)"),
         "rss_10x_over_1x": figure(round(rss[10] / rss[1], 3), "ratio", "<= 1.2"),
-        "two_vs_one_worker_ratio": figure(round(ray_two / ray_one, 3), "ratio", ">= 1.7"),
+        "two_vs_one_worker_ratio": figure(round(ray_two / ray_one, 3), "ratio",
+                                          f">= 1.7; best of {rounds} alternated rounds each"),
         "denoiser_samples_per_s": figure({"plain_1thread": round(plain_sps, 1), "ray_1worker": round(ray_one, 1),
                                           "ray_2workers": round(ray_two, 1)}, "samples/s", "informational"),
     }
