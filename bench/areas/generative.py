@@ -5,8 +5,8 @@ All figures come from one run on one machine, side by side:
   through Ray Data / samples/s of a plain PyTorch loop over the same latents in memory (same
   model, batch and thread count). Target >= 0.9.
 - ``mfu_cpu``: training FLOP/s (FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``) /
-  the FLOP/s of a 2048x2048 fp32 matmul measured in the same run. Target >= 0.5 for the tiny
-  preset. ``mfu_gpu`` belongs to the ``gpu`` area (the paper preset, plain PyTorch).
+  the FLOP/s of a 2048x2048 fp32 matmul measured in the same run, both at 1 thread, alternated
+  and each one's best kept. Target >= 0.5 for the tiny preset. ``mfu_gpu`` belongs to the ``gpu`` area (the paper preset, plain PyTorch).
 - ``rss_10x_over_1x``: peak RSS of the whole pretrain job (driver + local Ray) on 10x vs 1x the
   latents, each run for one pass over its data. Target <= 1.2 (the latents are streamed).
 - ``two_vs_one_worker_ratio``: samples/s with 2 Ray Train workers vs 1, one thread each, the two
@@ -211,8 +211,11 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: in
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # the same thread count as one Ray worker below
-        plain_sps, plain_flops = plain_rate(cfg, shape, torch.device("cpu"))
-        matmul = matmul_flops(torch.device("cpu"))
+        plain_sps = plain_flops = matmul = 0.0  # alternated, best of each (a single matmul swung MFU 0.43-0.56)
+        for _ in range(rounds + 1):
+            matmul = max(matmul, matmul_flops(torch.device("cpu")))
+            sps, flops = plain_rate(cfg, shape, torch.device("cpu"))
+            plain_sps, plain_flops = max(plain_sps, sps), max(plain_flops, flops)
         ray_one = ray_two = 0.0  # alternated, best of each: one round on 2 shared cores is noise (ratios 1.2 to 1.75)
         for r in range(rounds):
             ray_one = max(ray_one, ray_rate(cfg, shape, 1, 1, f"bench-1w-{r}"))
@@ -238,7 +241,9 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: in
 
     out = {
         "ray_train_overhead_ratio": figure(round(ray_one / plain_sps, 3), "ratio", ">= 0.9"),
-        "mfu_cpu": figure(round(plain_flops / matmul, 3), "fraction of fp32 matmul FLOP/s", ">= 0.5 (tiny)"),
+        "mfu_cpu": figure(round(plain_flops / matmul, 3), "fraction of fp32 matmul FLOP/s",
+                          f">= 0.5 (tiny); best of {rounds + 1} alternated rounds of the step and a 2048^3 matmul, "
+                          f"1 thread ({matmul / 1e9:.1f} GFLOP/s)"),
         "rss_10x_over_1x": figure(round(rss[10] / rss[1], 3), "ratio", "<= 1.2"),
         "two_vs_one_worker_ratio": figure(round(ray_two / ray_one, 3), "ratio",
                                           f">= 1.7; best of {rounds} alternated rounds each"),
