@@ -26,5 +26,8 @@ def test_a_colour_shift_is_measured_and_flagged():
     assert report["TUM"]["drifted"] and np.isnan(report["STR"]["hed"])  # no real STR tiles: nothing to compare
     with pytest.raises(ValueError, match="colour space"):
         colour_drift(real, same, "hsv")
+    # a channel nearly constant in the real tiles (a flat colour) gives a bounded drift, not W1 / ~0 (was 680)
+    flat = np.full_like(real, 200)
+    assert 0.5 < colour_drift(flat, same, "hed") < 5
     fig = colour_figure({"TUM": real}, {"TUM": shifted}, report)
     assert "DRIFTED" in fig.axes[0].get_title()

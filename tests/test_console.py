@@ -99,6 +99,15 @@ def test_stage_figures_name_their_units_and_selectivity():
     assert headline.summary_text("synthesize", got) == "generated_tiles 96, accepted_tiles 24, selectivity_pct 25"
 
 
+def test_pseudolabel_off_says_no_tiles_rather_than_a_confidence_of_zero():
+    from histodiff.stages.pseudolabel import Result
+
+    off = headline.figures("pseudolabel", Result(pseudo_labels_uri="x", seconds=0.1))
+    assert off == {"pseudo_labeled_tiles": 0.0, "seconds": 0.1}
+    on = headline.figures("pseudolabel", Result(pseudo_labels_uri="x", per_class={"A": 3, "B": 2}, mean_confidence=0.8))
+    assert on == {"pseudo_labeled_tiles": 5.0, "mean_confidence": 0.8}
+
+
 def test_tiny_ships_measured_ranges_and_names_the_figure_that_is_off():
     good = expected.check("tiny", "autoencoder", {"psnr_db": 26.4, "ssim": 0.79})
     assert good.ok is True and good.text().startswith(expected.WITHIN)

@@ -170,3 +170,10 @@ def test_train_and_score_on_gpu():
     recipe = RECIPE.model_copy(update={"use_gpu": True})
     outcomes, _ = evaluate_arms(make_splits(), {}, recipe, seeds=[0])
     assert 0.0 <= outcomes[0].test["accuracy"] <= 1.0 and outcomes[0].test["num_test"] == 6
+
+
+def test_table_columns_stay_aligned_for_long_control_names():
+    metrics = {m: [0.9, 0.01] for m in ("accuracy", "balanced_accuracy", "macro_f1")}
+    summary = {"baseline": metrics, "augmented": metrics, "unguided_selected": metrics, "duplicated_real": metrics}
+    rows = downstream.format_table(summary, {}, 2).splitlines()[2:]
+    assert len(rows) == 4 and len({row.index("90.0") for row in rows}) == 1  # every arm's first figure in one column

@@ -69,6 +69,11 @@ def _classifier(r: Any) -> dict[str, float]:
     return {f"val_accuracy_t{low}_pct": 100 * by_t[low], f"val_accuracy_t{high}_pct": 100 * by_t[high]}
 
 
+def _pseudolabel(r: Any) -> dict[str, float]:
+    n = sum(r.per_class.values())  # 0 when the stage is off (pseudo_labels.per_class=0): no confidence to show
+    return {"pseudo_labeled_tiles": n, **({"mean_confidence": r.mean_confidence} if n else {})}
+
+
 _FIGURES = {
     "ingest": lambda r: {metric_name(k, "tiles"): v for k, v in r.num_tiles.items()},
     "autoencoder": lambda r: {"psnr_db": r.psnr, "ssim": r.ssim},
@@ -76,6 +81,7 @@ _FIGURES = {
     # Names unlike the per-step metrics (probe_loss, samples_per_s): a figure is logged at step 0.
     "pretrain": lambda r: {"final_loss": r.final_loss, "train_samples_per_s": r.samples_per_s,
                            "final_probe_loss": r.probe_losses[-1][1] if r.probe_losses else None},
+    "pseudolabel": _pseudolabel,
     "classifier": _classifier,
     "selector": lambda r: {"val_balanced_accuracy_pct": 100 * r.val_balanced_accuracy},
     "synthesize": _synthesize,

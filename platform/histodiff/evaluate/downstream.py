@@ -235,11 +235,12 @@ def evaluate_arms(splits: Splits, arms: dict[str, Arm], recipe: Recipe, seeds: l
 
 def format_table(summary: dict[str, dict[str, list[float]]], gains: dict[str, dict[str, dict]], n_seeds: int) -> str:
     """Return a print-ready table: each arm's mean +- std and its gain over the baseline with 95% CI."""
+    width = max(12, *(len(arm) + 1 for arm in summary))  # control names are longer than "augmented"
     lines = [f"downstream test metrics, {n_seeds} seed(s), model selected on validation (percent)",
-             f"{'arm':<12}" + "".join(f"{m:>22}" for m in SCALAR_METRICS)]
+             f"{'arm':<{width}}" + "".join(f"{m:>22}" for m in SCALAR_METRICS)]
     for arm, metrics in summary.items():
         cells = "".join(f"{100 * mean:>15.1f} +- {100 * std:<4.1f}" for mean, std in (metrics[m] for m in SCALAR_METRICS))
-        lines.append(f"{arm:<12}{cells}")
+        lines.append(f"{arm:<{width}}{cells}".rstrip())
     for arm, arm_gains in gains.items():
         lines.append(f"gain {arm} - baseline (95% t-interval over paired seeds):")
         for m in SCALAR_METRICS:
