@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -109,3 +110,15 @@ def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path)
     again = validate.run_validation(str(tmp_path), SMOKE)
     assert [c.stat().st_mtime for c in cells] == stamps
     assert again["validate_curve"]["2"]["augmented"] == curve["augmented"]
+
+
+def test_the_oracle_ceiling_command_runs_for_real(tmp_path, capsys):
+    """`python -m bench.oracle_ceiling` at tiny size: the real splits, the downstream recipe, one table per step count."""
+    from bench import oracle_ceiling
+
+    out = tmp_path / "ceiling.json"
+    assert oracle_ceiling.main(["--workdir", str(tmp_path / "w"), "--budget", "2", "--volumes", "2,4", "--steps", "10",
+                                "--draws", "1", "--output", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert list(table) == ["10"] and set(table["10"]) == {"baseline", "oracle2", "oracle4"}
+    assert 0 <= table["10"]["baseline"] <= 100 and '"oracle4"' in capsys.readouterr().out
