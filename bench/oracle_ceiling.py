@@ -34,6 +34,7 @@ def ceiling(workdir: str, protocol: Protocol, budget: int, volumes: list[int], s
     from histodiff.data.splits import split_spec
     from histodiff.evaluate import controls
     from histodiff.evaluate.downstream import Recipe, evaluate_arms, load_splits, local_runner
+    from histodiff.evaluate.metrics import summarise
     from histodiff.storage import Store
 
     data = prepare_data(workdir, protocol)
@@ -50,12 +51,9 @@ def ceiling(workdir: str, protocol: Protocol, budget: int, volumes: list[int], s
             arms = {f"oracle{v}": controls.random_per_class(pool_x, pool_y, np.full(n_classes, v), cfg.seed)
                     for v in volumes}
             outcomes, _ = evaluate_arms(splits, arms, recipe, list(protocol.seeds), local_runner)
-            acc: dict[str, dict[int, float]] = {}
-            for o in outcomes:
-                acc.setdefault(o.arm, {})[o.seed] = 100.0 * o.test["accuracy"]
-            base = acc["baseline"]
-            row = {"baseline": float(np.mean(list(base.values())))}
-            row.update({arm: float(np.mean([acc[arm][s] - base[s] for s in base])) for arm in arms})
+            summary, gains = summarise(outcomes)  # gains paired by seed, as the evaluate stage reports them
+            row = {"baseline": 100.0 * summary["baseline"]["accuracy"][0]}
+            row.update({arm: 100.0 * gains[arm]["accuracy"]["mean"] for arm in arms})
             rows[n_steps].append(row)
             log.info("draw %d, %d steps: %s (%.0f s)", draw, n_steps,
                      {k: round(v, 1) for k, v in row.items()}, time.time() - t0)

@@ -62,7 +62,8 @@ def _bench_loop(config: dict) -> None:
     rate = cfg.denoiser.batch_size * ray.train.get_context().get_world_size() / seconds
     if ray.train.get_context().get_world_rank() == 0:  # Result.metrics is only kept with checkpoints
         with open(config["out"], "w") as f:  # the data wait over the measured steps only
-            json.dump({"rate": rate, "step_ms": 1000 * seconds, "data_wait_ms": 1000 * sum(waits[-MEASURED:]) / MEASURED}, f)
+            json.dump({"rate": rate, "step_ms": 1000 * seconds,
+                       "data_wait_ms": 1000 * sum(waits[-MEASURED:]) / MEASURED}, f)
     ray.train.report({"samples_per_s": rate})
 
 

@@ -235,7 +235,7 @@ def evaluate_arms(splits: Splits, arms: dict[str, Arm], recipe: Recipe, seeds: l
 
 def format_table(summary: dict[str, dict[str, list[float]]], gains: dict[str, dict[str, dict]], n_seeds: int) -> str:
     """Return a print-ready table: each arm's mean +- std and its gain over the baseline with 95% CI."""
-    width = max(12, *(len(arm) + 1 for arm in summary))  # control names are longer than "augmented"
+    width = max([12, *(len(arm) + 1 for arm in summary)])  # control names are longer than "augmented"
     lines = [f"downstream test metrics, {n_seeds} seed(s), model selected on validation (percent)",
              f"{'arm':<{width}}" + "".join(f"{m:>22}" for m in SCALAR_METRICS)]
     for arm, metrics in summary.items():
