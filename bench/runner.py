@@ -41,17 +41,26 @@ def merge_into(output: str, figures: dict[str, dict]) -> None:
 
 
 def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_work",
-                   quick: bool = False) -> dict[str, dict]:
+                   quick: bool = False, overrides: tuple[str, ...] = ()) -> dict[str, dict]:
     """Run one area (or all), merge the figures into ``output``; return the figures just measured.
 
     ``quick`` runs the areas that have a development mode in it and writes their figures to
     ``<workdir>/<area>-quick.json``, never into ``output``: quick figures are not results.
+    ``overrides`` (``key.sub=value``, one area only, one whose ``run`` takes them) measure a variant
+    of that area's recipe: its figures go to ``<workdir>/<area>-variant.json`` (or the quick file)
+    with the overrides in each figure's ``measured``, never into ``output``.
     """
     names = areas()
     if only is not None:
         if only not in names:
             raise ValueError(f"unknown benchmark area {only!r}; choose one of {names}")
         names = [only]
+    overrides = tuple(overrides)
+    if overrides:
+        if only is None:
+            raise ValueError(f"overrides {list(overrides)} need one benchmark area (for example `validate`)")
+        if "overrides" not in inspect.signature(importlib.import_module(f"bench.areas.{only}").run).parameters:
+            raise ValueError(f"benchmark area {only!r} takes no overrides (got {list(overrides)})")
     measured: dict[str, dict] = {}
     failed = []
     for name in names:
@@ -64,18 +73,21 @@ def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_
                 if "quick" not in inspect.signature(area.run).parameters:
                     log.info("benchmark area %s has no quick mode; skipped", name)
                     continue
-                figures = area.run(area_dir, quick=True)
+                figures = area.run(area_dir, quick=True, **({"overrides": overrides} if overrides else {}))
             else:
-                figures = area.run(area_dir)
+                figures = area.run(area_dir, **({"overrides": overrides} if overrides else {}))
             for key, value in figures.items():
                 check_entry(key, value)
+                if overrides:
+                    value["measured"] = f"{value['measured']} (overrides: {' '.join(overrides)})"
         except Exception as exc:  # one broken area must not lose the others' figures
             log.error("benchmark area %s failed: %s", name, exc)
             failed.append(name)
             continue
         measured.update(figures)
         # After each area: an interrupted run keeps the finished areas.
-        merge_into(os.path.join(workdir, f"{name}-quick.json") if quick else output, figures)
+        side = "quick" if quick else "variant" if overrides else None
+        merge_into(os.path.join(workdir, f"{name}-{side}.json") if side else output, figures)
     if failed:
         raise RuntimeError(f"benchmark area(s) {failed} failed (see the log); the others were merged into {output}")
     return measured

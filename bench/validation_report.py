@@ -17,6 +17,10 @@ import numpy as np
 
 from histodiff.evaluate.metrics import draw_gain, holm, t_test_p
 
+# Fewer label draws than this: the t-interval rests on 1 degree of freedom (2 equal gains give it no
+# width at all), so it is reported but flagged (``few_draws``) and the table marks it.
+MIN_DRAWS = 3
+
 ARMS = ("augmented", "unfiltered", "unguided_selected", "duplicated_real", "classical_aug", "pseudo_label", "oracle")
 
 
@@ -26,7 +30,8 @@ def _acc(outcomes: list[dict], arm: str) -> dict[int, float]:
 
 def budget_figures(cells: list[dict]) -> dict[str, Any]:
     """Return one budget's figures from its cells (one per label draw)."""
-    out: dict[str, Any] = {"label_draws": len(cells), "seeds": len(_acc(cells[0]["outcomes"], "baseline"))}
+    out: dict[str, Any] = {"label_draws": len(cells), "seeds": len(_acc(cells[0]["outcomes"], "baseline")),
+                           "few_draws": len(cells) < MIN_DRAWS}
     base = [_acc(c["outcomes"], "baseline") for c in cells]
     out["baseline_acc"] = float(np.mean([v for b in base for v in b.values()]))
     for arm in ARMS:
@@ -84,7 +89,10 @@ def figures(cells: list[dict], protocol: Any, precision_unguided: float, wall_s:
 
 
 def table_markdown(curve: dict[str, dict]) -> str:
-    """Return the curve as a markdown table: accuracy and gain [95% CI over draws] per arm and budget."""
+    """Return the curve as a markdown table: accuracy and gain [95% CI over draws] per arm and budget.
+
+    A budget with fewer than ``MIN_DRAWS`` draws has its row marked: its intervals mean nothing.
+    """
     head = "| labels/class | baseline | " + " | ".join(ARMS) + " |"
     lines = [head, "|" + "---|" * (2 + len(ARMS))]
     for b, f in curve.items():
@@ -93,5 +101,6 @@ def table_markdown(curve: dict[str, dict]) -> str:
             a = f.get(arm)
             cells.append("n/a" if a is None else
                          f"{a['acc']:.1f} ({a['gain_points']:+.1f} [{a['gain_ci_low']:+.1f}, {a['gain_ci_high']:+.1f}])")
-        lines.append(f"| {b} | {f['baseline_acc']:.1f} | " + " | ".join(cells) + " |")
+        label = f"{b} (intervals over {f['label_draws']} draws: not meaningful)" if f.get("few_draws") else b
+        lines.append(f"| {label} | {f['baseline_acc']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

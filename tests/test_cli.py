@@ -157,6 +157,44 @@ def test_benchmark_runner_merges_and_keeps_other_areas(tmp_path, monkeypatch):
     assert set(json.loads(out.read_text())) == {"other_area_key", "tmp_ratio"}  # a failed area loses nothing
 
 
+def test_benchmark_overrides_measure_a_variant_beside_the_results(tmp_path, monkeypatch):
+    seen = {}
+
+    def run(workdir, quick=False, overrides=()):
+        seen.update(quick=quick, overrides=overrides)
+        return {"tmp_gain": {"value": 1.5, "unit": "points", "goal": "higher", "measured": "today"}}
+
+    area = types.ModuleType("bench.areas.tmparea")
+    area.run = run
+    monkeypatch.setitem(sys.modules, "bench.areas.tmparea", area)
+    monkeypatch.setattr(runner, "areas", lambda: ["tmparea", "plain"])
+    out, work = tmp_path / "results.json", tmp_path / "w"
+    out.write_text(json.dumps({"tmp_gain": {"value": 0.0, "unit": "points", "goal": "higher", "measured": "m"}}))
+    measured = runner.run_benchmarks(str(out), only="tmparea", workdir=str(work), overrides=("a.b=1", "c=2"))
+    assert seen == {"quick": False, "overrides": ("a.b=1", "c=2")}
+    assert measured["tmp_gain"]["measured"] == "today (overrides: a.b=1 c=2)"
+    assert json.loads(out.read_text())["tmp_gain"]["value"] == 0.0  # a variant never replaces a result
+    assert json.loads((work / "tmparea-variant.json").read_text())["tmp_gain"]["value"] == 1.5
+    runner.run_benchmarks(str(out), only="tmparea", workdir=str(work), quick=True, overrides=("a.b=1",))
+    assert seen == {"quick": True, "overrides": ("a.b=1",)} and (work / "tmparea-quick.json").exists()
+    with pytest.raises(ValueError, match="need one benchmark area"):
+        runner.run_benchmarks(str(out), workdir=str(work), overrides=("a.b=1",))
+    plain = types.ModuleType("bench.areas.plain")
+    plain.run = lambda workdir: {}
+    monkeypatch.setitem(sys.modules, "bench.areas.plain", plain)
+    with pytest.raises(ValueError, match="'plain' takes no overrides"):
+        runner.run_benchmarks(str(out), only="plain", workdir=str(work), overrides=("a.b=1",))
+
+
+def test_validate_rejects_a_misspelled_override_before_it_starts_anything(tmp_path):
+    from bench.areas import validate as validate_area
+    from histodiff.config import ConfigError
+
+    with pytest.raises(ConfigError, match="synthesis.strenght: unknown key"):
+        validate_area.run(str(tmp_path), quick=True, overrides=("synthesis.strenght=0.7",))
+    assert list(tmp_path.iterdir()) == []  # no shards, no Ray, no generator
+
+
 def test_bench_runs_from_a_checkout_and_says_so_elsewhere(tmp_path, monkeypatch, capsys):
     area = types.ModuleType("bench.areas.tmparea")
     area.run = lambda workdir: {"tmp_ratio": {"value": 2.5, "unit": "x", "goal": "higher", "measured": "now"}}

@@ -72,7 +72,11 @@ def test_the_gain_interval_is_over_draws_and_a_draw_that_accepted_nothing_counts
     out = figures(cells, protocol, 0.1, 12.0)
     assert out["validate_gain_points"] == pytest.approx(2.0) and out["validate_headline_budget"] == 5
     assert out["validate_curve"]["5"]["augmented"]["p_holm"] == pytest.approx(aug["p_value"])
-    assert "| 5 | 81.0 |" in table_markdown(out["validate_curve"])
+    assert "| 5 | 81.0 |" in table_markdown(out["validate_curve"]) and not f["few_draws"]
+    # two draws: the interval is reported but flagged, and the table says it means nothing
+    two = budget_figures(cells[:2])
+    assert two["few_draws"] and two["label_draws"] == 2
+    assert "| 5 (intervals over 2 draws: not meaningful) |" in table_markdown({"5": two})
     # a budget whose cells never ran (a stopped run) is named, not a crash; no cell at all is one clear error
     out = figures(cells, validate.Protocol(budgets=(2, 5), headline=5), 0.1, 12.0)
     assert list(out["validate_curve"]) == ["5"] and out["validate_budgets_without_cells"] == [2]

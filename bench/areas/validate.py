@@ -36,6 +36,10 @@ def _machine() -> str:
 
 def run(workdir: str, quick: bool = False, overrides: tuple[str, ...] = ()) -> dict[str, dict]:
     """Return the validation figures in the benchmark format (value, unit, goal, measured)."""
+    if overrides:  # a misspelled key fails here, before Ray starts or the generator trains
+        from histodiff.config import load_config
+
+        load_config("tiny", list(overrides))
     protocol = Protocol.quick(tuple(overrides)) if quick else Protocol(overrides=tuple(overrides))
     figures = run_validation(os.path.join(workdir, "quick" if quick else "full"), protocol)
     stamp = f"{datetime.now(timezone.utc):%Y-%m-%d} {_machine()}" + (" (QUICK mode: not a result)" if quick else "")

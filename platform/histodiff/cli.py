@@ -168,7 +168,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("histodiff: run `histodiff bench` from a histodiff checkout; benchmarks are not part of the installed "
               "package", file=sys.stderr)
         return 2
-    merged = runner.run_benchmarks(args.output, only=args.area, workdir=args.workdir, quick=args.quick)
+    merged = runner.run_benchmarks(args.output, only=args.area, workdir=args.workdir, quick=args.quick,
+                                   overrides=tuple(args.overrides))
     for key, value in merged.items():
         print(f"{key}: {value.get('value')} {value.get('unit', '')}")
     return 0
@@ -261,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("bench", "run benchmarks (from a checkout) and merge them into bench/results.json")
     p.add_argument("area", nargs="?", default=None, help="one area (a module in bench/areas/); default all")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="a variant of one area's recipe (validate: dotted config overrides, for example "
+                        "synthesis.strength=0.7); its figures go to <workdir>/<area>-variant.json (or -quick.json), "
+                        "never to --output")
     p.add_argument("--output", default="bench/results.json")
     p.add_argument("--workdir", default="bench/_work")
     p.add_argument("--quick", action="store_true", help="development mode where an area has one (validate: one "
