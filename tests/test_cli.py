@@ -22,7 +22,10 @@ def test_parser_knows_every_stage_and_command():
     assert (args.stage, args.config, args.overrides) == ("pretrain", "paper", ["a.b=1", "denoiser.steps=3"])
     assert parse_args(["submit", "sweep", "--address", "http://h:8265"]).stage == "sweep"
     assert parse_args(["bench", "tracking"]).area == "tracking"
-    for bad in (["run", "no-such-stage"], ["run", "ingest", "--confg", "tiny"], ["bench", "x", "y=1"]):
+    bench = parse_args(["bench", "validate", "a.b=1", "--quick", "c=2"])
+    assert (bench.area, bench.overrides, bench.quick) == ("validate", ["a.b=1", "c=2"], True)
+    for bad in (["run", "no-such-stage"], ["run", "ingest", "--confg", "tiny"], ["bench", "x", "--nope"],
+                ["bench", "validate", "y"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
