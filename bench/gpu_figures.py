@@ -237,7 +237,7 @@ def backbone(s: Setup) -> dict[str, dict]:
         torch.manual_seed(s.cfg.seed)
         gen = torch.Generator().manual_seed(s.cfg.seed)
         model = create_backbone(e.backbone, NUM_CLASSES, e.image_size).to(dev).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=e.lr, weight_decay=e.weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=e.lr, weight_decay=e.weight_decay, fused=True)
         pool_x = torch.rand(2 * b, 3, s.tile, s.tile) * 2 - 1  # tiles in [-1, 1], on the CPU as evaluate keeps them
         pool_y = torch.arange(2 * b) % NUM_CLASSES
         weights = torch.ones(2 * b)

@@ -69,13 +69,13 @@ def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_
         log.info("benchmark area %s", name)
         try:
             area = importlib.import_module(f"bench.areas.{name}")
+            kwargs: dict[str, object] = {"overrides": overrides} if overrides else {}
             if quick:
                 if "quick" not in inspect.signature(area.run).parameters:
                     log.info("benchmark area %s has no quick mode; skipped", name)
                     continue
-                figures = area.run(area_dir, quick=True, **({"overrides": overrides} if overrides else {}))
-            else:
-                figures = area.run(area_dir, **({"overrides": overrides} if overrides else {}))
+                kwargs["quick"] = True
+            figures = area.run(area_dir, **kwargs)
             for key, value in figures.items():
                 check_entry(key, value)
                 if overrides:

@@ -215,7 +215,7 @@ def fit_classifier(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = create_backbone(backbone, num_classes, image_size).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     n_extra = 0 if extra_x is None else len(extra_x)
     extra_ids = extra_y if n_extra else torch.zeros(0, dtype=torch.long)
     batches = mixed_batches(train_y, extra_ids, batch_size, extra_fraction, gen)

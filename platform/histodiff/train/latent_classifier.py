@@ -109,7 +109,7 @@ def fit_latent_classifier(model: Any, latents: torch.Tensor, labels: torch.Tenso
                           max_timestep: int | None, steps: int, batch_size: int, lr: float, weight_decay: float,
                           seed: int, device: torch.device | str = "cpu") -> Any:
     """Return ``model`` trained for ``steps`` on scaled latents in plain PyTorch (the same loop as on Ray)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     trainee = ClassifierTrainee(model, optimizer, latents, labels, scheduler, mode=mode, max_timestep=max_timestep,
                                 batch_size=batch_size, seed=seed, device=device)
     loop.train(trainee, loop.Cadence(steps, steps, steps), {}, device=device)
@@ -160,7 +160,7 @@ def train_loop(config: dict) -> None:
         weights = torch.cat([torch.ones(len(config["train_sha1"])), torch.tensor(pseudo["confidence"]).float()])
     model = build_classifier(ccfg, latents.shape[1], len(config["classes"])).to(device)
     model = common.prepare_ddp(model) if info.in_ray else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ccfg.lr, weight_decay=ccfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ccfg.lr, weight_decay=ccfg.weight_decay, fused=True)
     # Each rank draws its own batches (seed + rank); DDP averages their gradients.
     trainee = ClassifierTrainee(model, optimizer, latents * spec.latents.scale_factor, labels,
                                 ddpm_scheduler(spec.schedule), mode=ccfg.mode, max_timestep=ccfg.max_timestep,
