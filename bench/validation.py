@@ -70,6 +70,15 @@ class Protocol:
     judge_steps: int = 1500
     pool_limit: int | None = None  # tests: keep this many pool tiles (a random subset), not 3,800
 
+    @property
+    def variant(self) -> str:
+        """Return where a variant's cells live under the workdir: ``""`` for the recipe itself, else
+        ``variants/<hash of the overrides>/``, so that measuring a variant never overwrites the cached
+        cells (and per-cell stages) of the recipe, nor those of another variant."""
+        if not self.overrides:
+            return ""
+        return f"variants/{hashlib.sha256(json.dumps(list(self.overrides)).encode()).hexdigest()[:12]}/"
+
     @classmethod
     def quick(cls, overrides: tuple[str, ...] = ()) -> "Protocol":
         """Return the development protocol: the headline budget only, 2 draws, 2 seeds, a shorter generator."""
@@ -143,7 +152,7 @@ def prepare_data(workdir: str, protocol: Protocol) -> Data:
 def cell_config(data: Data, protocol: Protocol, budget: int | None, draw: int = 0) -> HistodiffConfig:
     """Return the tiny-preset config of one (budget, draw) cell (``budget=None``: the shared generator)."""
     root = data.root
-    sub = f"{root}/b{budget}/d{draw}" if budget else f"{root}/shared"
+    sub = f"{root}/{protocol.variant}b{budget}/d{draw}" if budget else f"{root}/shared"
     n_labeled = len(data.idx["pool"]) + len(data.idx["val"])
     base = [
         f"name=mnist-b{budget}-d{draw}" if budget else "name=mnist", f"paths.root={sub}",
@@ -257,7 +266,7 @@ def run_validation(workdir: str, protocol: Protocol = Protocol()) -> dict[str, A
     # The primary (headline) budget first: an interrupted run has the figure that matters.
     for budget in sorted(protocol.budgets, key=lambda b: b != protocol.headline):
         for draw in range(protocol.draws):
-            path = join(data.root, "cells", f"b{budget}-d{draw}.json")
+            path = join(data.root, f"{protocol.variant}cells", f"b{budget}-d{draw}.json")
             key = cell_key(protocol, budget, draw)
             if store.exists(path) and store.read_json(path).get("key") == key:
                 cells.append(store.read_json(path))

@@ -45,6 +45,18 @@ def test_cells_share_the_generator_and_differ_in_budget_draw_and_name(tmp_path):
         assert str(got) == value
 
 
+def test_a_variant_never_overwrites_the_recipes_cells_or_another_variants(tmp_path):
+    data = validate.Data(np.zeros(0), np.zeros(0), {"pool": np.arange(3800), "val": np.arange(200)}, str(tmp_path))
+    recipe = validate.Protocol()
+    variants = [validate.Protocol(overrides=(o,)) for o in ("synthesis.strength=1.0", "synthesis.strength=0.7")]
+    assert recipe.variant == "" and variants[0].variant != variants[1].variant
+    assert variants[0].variant == validate.Protocol(overrides=("synthesis.strength=1.0",)).variant  # stable
+    roots = [validate.cell_config(data, p, 2, 0).paths.root for p in (recipe, *variants)]
+    assert roots[0] == f"{tmp_path}/b2/d0" and len(set(roots)) == 3  # the recipe's cache keeps its paths
+    # the generator is shared by all of them: a variant of the downstream recipe does not retrain it
+    assert len({validate.cell_config(data, p, None).paths.denoiser for p in (recipe, *variants)}) == 1
+
+
 def _cell(draw: int, gains: dict[str, list[float]], nothing: bool = False) -> dict:
     base = [0.80, 0.82]
     outcomes = [{"arm": "baseline", "seed": s, "test": {"accuracy": a}} for s, a in enumerate(base)]
@@ -107,7 +119,7 @@ def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path)
         assert curve[arm]["gain_ci_low"] <= curve[arm]["gain_points"] <= curve[arm]["gain_ci_high"]
     assert 0 <= out["guidance_precision_guided"] <= 1 and 0 <= out["guidance_precision_unguided"] <= 1
     assert out["validate_wall_s"] > 0 and {"autoencoder", "encode", "pretrain", "judge_val_bacc"} <= set(out["validate_generator"])
-    cells = sorted((tmp_path / "cells").glob("*.json"))
+    cells = sorted((tmp_path / SMOKE.variant / "cells").glob("*.json"))
     assert [c.name for c in cells] == ["b2-d0.json", "b2-d1.json"]
     # A second run reuses the cells of the same protocol version and recipe (nothing retrained).
     stamps = [c.stat().st_mtime for c in cells]
