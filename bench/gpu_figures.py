@@ -228,7 +228,7 @@ def guidance(s: Setup) -> dict[str, dict]:
 def backbone(s: Setup) -> dict[str, dict]:
     """The downstream backbone's training step as fit_classifier runs it, and the model alone."""
     from histodiff.models.backbone import create_backbone
-    from histodiff.train.backbone import AUGMENTATIONS, resize, train_step
+    from histodiff.train.backbone import AUGMENTATIONS, classifier_optimizer, resize, train_step
 
     e, dev = s.cfg.evaluation, s.device
     free(dev)
@@ -237,7 +237,7 @@ def backbone(s: Setup) -> dict[str, dict]:
         torch.manual_seed(s.cfg.seed)
         gen = torch.Generator().manual_seed(s.cfg.seed)
         model = create_backbone(e.backbone, NUM_CLASSES, e.image_size).to(dev).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=e.lr, weight_decay=e.weight_decay, fused=True)
+        opt = classifier_optimizer(model, e.lr, e.weight_decay)
         pool_x = torch.rand(2 * b, 3, s.tile, s.tile) * 2 - 1  # tiles in [-1, 1], on the CPU as evaluate keeps them
         pool_y = torch.arange(2 * b) % NUM_CLASSES
         weights = torch.ones(2 * b)

@@ -169,6 +169,11 @@ def extra_share(real_y: torch.Tensor, extra_y: torch.Tensor, extra_fraction: flo
     return extra_fraction * float(torch.isin(real_y, torch.unique(extra_y)).float().mean())
 
 
+def classifier_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """Return the downstream classifier's optimizer: AdamW, fused (one kernel per step on CPU and CUDA)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def fit_classifier(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -215,7 +220,7 @@ def fit_classifier(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = create_backbone(backbone, num_classes, image_size).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    opt = classifier_optimizer(model, lr, weight_decay)
     n_extra = 0 if extra_x is None else len(extra_x)
     extra_ids = extra_y if n_extra else torch.zeros(0, dtype=torch.long)
     batches = mixed_batches(train_y, extra_ids, batch_size, extra_fraction, gen)
