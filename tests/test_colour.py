@@ -29,5 +29,11 @@ def test_a_colour_shift_is_measured_and_flagged():
     # a channel nearly constant in the real tiles (a flat colour) gives a bounded drift, not W1 / ~0 (was 680)
     flat = np.full_like(real, 200)
     assert 0.5 < colour_drift(flat, same, "hed") < 5
+    # black (0) against almost black (2 of 255) is no stain shift: an 8-bit pixel's optical density is bounded
+    black = np.zeros_like(real)
+    black[:, 8:24, 8:24] = 255  # a white stroke on black, as a digit
+    near_black = np.where(black == 0, 2, black).astype(np.uint8)
+    assert colour_drift(black, near_black, "hed") < 0.25  # was 0.75, past the default bound of 0.5
+    assert colour_drift(black, near_black, "lab") < 0.1
     fig = colour_figure({"TUM": real}, {"TUM": shifted}, report)
     assert "DRIFTED" in fig.axes[0].get_title()

@@ -7,7 +7,10 @@ and the synthetic tiles' pixels are compared channel by channel in HED (haematox
 the two channels' standard deviations (a unitless drift: 0 is the same distribution, 1 a shift of
 one standard deviation between equal spreads; a channel nearly constant in the real tiles, as DAB
 is in tissue without DAB stain, no longer divides by almost zero), then averaged over the three
-channels. Pure numpy/scipy: no files here.
+channels. Pixel values are floored at 1/255 before the conversion: an 8-bit pixel cannot be darker,
+and without the floor a pure black pixel (value 0) is clipped to 1e-6 by ``rgb2hed`` and read as an
+optical density more than twice that of an almost black one (value 1), so dark backgrounds (digits
+on black) were flagged as stain drift when nothing visible differed. Pure numpy/scipy: no files here.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ SPACES = ("hed", "lab")
 def _pixels(tiles: np.ndarray, space: str, max_pixels: int, seed: int) -> np.ndarray:
     from skimage.color import rgb2hed, rgb2lab
 
-    rgb = np.asarray(tiles, dtype=np.float64).reshape(-1, 3) / 255.0
+    rgb = np.maximum(np.asarray(tiles, dtype=np.float64).reshape(-1, 3), 1.0) / 255.0  # 8-bit floor: see above
     if len(rgb) > max_pixels:  # a seeded subsample: the distances are stable and cheap on large sets
         rgb = rgb[np.random.default_rng(seed).choice(len(rgb), max_pixels, replace=False)]
     converted = rgb2hed(rgb[None])[0] if space == "hed" else rgb2lab(rgb[None])[0]
