@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CLASSES = [str(d) for d in range(10)]
 VERSION = 4  # bump when a cell's computation changes: cached cells of another version are redone
+JUDGE_VERSION = 1  # bump when the judge's training changes: a cached judge of another version is retrained
 
 
 # The method as validated (issue 15's levers, chosen on quick runs): anchored synthesis from labeled tiles
@@ -192,8 +193,38 @@ def pretrain_generator(data: Data, protocol: Protocol) -> HistodiffConfig:
     return shared
 
 
-def unguided_pool(shared: HistodiffConfig, n: int, seed: int = 7) -> np.ndarray:
-    """Return ``n`` uint8 tiles sampled by the pretrained generator without guidance (shared by every cell)."""
+def _cached(root: str, name: str, key: list[Any], compute: Callable[[], tuple[dict[str, torch.Tensor], dict]]
+            ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Return ``compute()``'s (tensors, info), stored under ``{root}/cache/{name}`` with ``key``: a later run
+    with the same key loads them instead (the judge and the unguided pool cost about 15 minutes a sitting)."""
+    from safetensors.torch import load, save
+
+    store, digest = Store(), hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    meta_uri, data_uri = join(root, "cache", f"{name}.json"), join(root, "cache", f"{name}.safetensors")
+    if store.exists(meta_uri) and store.read_json(meta_uri).get("key") == digest:
+        log.info("validation: %s finished earlier with the same inputs (%s); loaded", name, digest)
+        return load(store.read_bytes(data_uri)), store.read_json(meta_uri)["info"]
+    tensors, info = compute()
+    store.write_bytes(data_uri, save({k: v.contiguous() for k, v in tensors.items()}))
+    store.write_json(meta_uri, {"key": digest, "info": info})  # written last: it marks the tensors complete
+    return tensors, info
+
+
+def unguided_pool(shared: HistodiffConfig, workdir: str, n: int, seed: int = 7) -> np.ndarray:
+    """Return ``n`` uint8 tiles sampled by the pretrained generator without guidance (shared by every cell);
+    cached under ``workdir``, keyed by the generator's stage fingerprints and the sampling settings."""
+    from histodiff.runner import upstream_fingerprint
+
+    store, s = Store(shared.storage), shared.synthesis
+    key = ["unguided", upstream_fingerprint(shared.paths.denoiser, store, "pretrain"),
+           upstream_fingerprint(shared.paths.autoencoder, store, "autoencoder"), n, seed, s.batch_size,
+           s.num_inference_steps, s.eta, shared.denoiser.schedule.model_dump(mode="json")]
+    tensors, _ = _cached(workdir, "unguided_pool", key,
+                         lambda: ({"tiles": torch.from_numpy(_sample_unguided(shared, n, seed))}, {}))
+    return tensors["tiles"].numpy()
+
+
+def _sample_unguided(shared: HistodiffConfig, n: int, seed: int) -> np.ndarray:
     from diffusers import AutoencoderKL, UNet2DModel
 
     from histodiff.checkpoint import load_exported
@@ -215,17 +246,28 @@ def unguided_pool(shared: HistodiffConfig, n: int, seed: int = 7) -> np.ndarray:
 
 
 def train_judge(data: Data, protocol: Protocol) -> Any:
-    """Return an independent classifier trained on the whole pool's true labels (the method never sees them)."""
+    """Return an independent classifier trained on the whole pool's true labels (the method never sees them);
+    cached under the workdir, keyed by its recipe and the pool and validation tiles."""
+    from histodiff.models.backbone import create_backbone
     from histodiff.train.backbone import fit_classifier
 
     pool, val = data.idx["pool"], data.idx["val"]
-    fit = fit_classifier(shards.to_model_range(data.x[pool]), torch.from_numpy(data.y[pool]),
-                         shards.to_model_range(data.x[val]), torch.from_numpy(data.y[val]),
-                         backbone=protocol.judge_backbone, num_classes=len(CLASSES), image_size=32, epochs=5, lr=3e-3,
-                         weight_decay=0.05, batch_size=64, seed=0, augment="shift", steps=protocol.judge_steps)
-    data.extra["judge_val_bacc"] = fit.best_val_balanced_accuracy
-    log.info("validation judge: val balanced accuracy %.3f", fit.best_val_balanced_accuracy)
-    return fit.model
+
+    def fit() -> tuple[dict[str, torch.Tensor], dict]:
+        result = fit_classifier(
+            shards.to_model_range(data.x[pool]), torch.from_numpy(data.y[pool]), shards.to_model_range(data.x[val]),
+            torch.from_numpy(data.y[val]), backbone=protocol.judge_backbone, num_classes=len(CLASSES), image_size=32,
+            epochs=5, lr=3e-3, weight_decay=0.05, batch_size=64, seed=0, augment="shift", steps=protocol.judge_steps)
+        return result.model.state_dict(), {"val_bacc": result.best_val_balanced_accuracy}
+
+    key = ["judge", JUDGE_VERSION, protocol.judge_backbone, protocol.judge_steps,
+           hashlib.sha256(np.concatenate([pool, val]).tobytes() + data.x[pool].tobytes()).hexdigest()]
+    weights, info = _cached(data.root, "judge", key, fit)
+    model = create_backbone(protocol.judge_backbone, len(CLASSES), 32)
+    model.load_state_dict(weights)
+    data.extra["judge_val_bacc"] = info["val_bacc"]
+    log.info("validation judge: val balanced accuracy %.3f", info["val_bacc"])
+    return model.eval()
 
 
 def judged_precision(judge: Any, tiles: np.ndarray, target: np.ndarray) -> float:
@@ -258,7 +300,7 @@ def run_validation(workdir: str, protocol: Protocol = Protocol()) -> dict[str, A
     shared = pretrain_generator(data, protocol)
     judge = train_judge(data, protocol)
     n_unguided = shared.synthesis.max_samples_per_class * len(CLASSES)
-    unguided = unguided_pool(shared, n_unguided)
+    unguided = unguided_pool(shared, data.root, n_unguided)
     unguided_target = np.arange(len(unguided)) % len(CLASSES)
     precision_unguided = judged_precision(judge, unguided, unguided_target)
     cells = []

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from bench import validation as validate
 from bench.validation_report import ARMS, budget_figures, figures, table_markdown
@@ -96,6 +97,20 @@ def test_the_gain_interval_is_over_draws_and_a_draw_that_accepted_nothing_counts
         figures([], protocol, 0.1, 12.0)
 
 
+def test_a_cached_input_is_reused_only_with_the_same_key(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": torch.arange(3)}, {"val_bacc": 0.5}
+
+    first = validate._cached(str(tmp_path), "judge", ["judge", 1], compute)
+    again = validate._cached(str(tmp_path), "judge", ["judge", 1], compute)
+    assert len(calls) == 1 and torch.equal(again[0]["x"], first[0]["x"]) and again[1] == {"val_bacc": 0.5}
+    validate._cached(str(tmp_path), "judge", ["judge", 2], compute)  # another key: computed again
+    assert len(calls) == 2
+
+
 SMOKE = validate.Protocol(
     budgets=(2,), headline=2, draws=2, seeds=(0,), eval_steps=4, val_per_class=3, test_per_class=3, judge_steps=5, pool_limit=400,
     generator_overrides=("autoencoder.steps=4", "autoencoder.checkpoint_every=4", "denoiser.steps=4",
@@ -122,9 +137,15 @@ def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path)
     cells = sorted((tmp_path / SMOKE.variant / "cells").glob("*.json"))
     assert [c.name for c in cells] == ["b2-d0.json", "b2-d1.json"]
     # A second run reuses the cells of the same protocol version and recipe (nothing retrained).
-    stamps = [c.stat().st_mtime for c in cells]
+    # So are the judge and the unguided pool (keyed by their inputs): the same precision, nothing rewritten.
+    cached = sorted((tmp_path / "cache").glob("*"))
+    assert [c.name for c in cached] == ["judge.json", "judge.safetensors", "unguided_pool.json",
+                                        "unguided_pool.safetensors"]
+    stamps = [c.stat().st_mtime for c in cells + cached]
     again = validate.run_validation(str(tmp_path), SMOKE)
-    assert [c.stat().st_mtime for c in cells] == stamps
+    assert [c.stat().st_mtime for c in cells + cached] == stamps
+    assert again["guidance_precision_unguided"] == out["guidance_precision_unguided"]
+    assert again["validate_generator"]["judge_val_bacc"] == out["validate_generator"]["judge_val_bacc"]
     assert again["validate_curve"]["2"]["augmented"] == curve["augmented"]
 
 
