@@ -66,7 +66,9 @@ class Protocol:
     val_per_class: int = 20
     test_per_class: int = 100
     overrides: tuple[str, ...] = ()
-    generator_overrides: tuple[str, ...] = ()
+    # Applied to every config (the shared generator's and every cell's) as part of the recipe, not a variant:
+    # the sizes of the quick protocol and of the tests.
+    base_overrides: tuple[str, ...] = ()
     judge_backbone: str = "test_resnet"
     judge_steps: int = 1500
     pool_limit: int | None = None  # tests: keep this many pool tiles (a random subset), not 3,800
@@ -84,7 +86,7 @@ class Protocol:
     def quick(cls, overrides: tuple[str, ...] = ()) -> "Protocol":
         """Return the development protocol: the headline budget only, 2 draws, 2 seeds, a shorter generator."""
         return cls(budgets=(19,), draws=2, seeds=(0, 1), overrides=overrides,
-                   generator_overrides=("autoencoder.steps=200", "denoiser.steps=600"))
+                   base_overrides=("autoencoder.steps=200", "denoiser.steps=600"))
 
 
 @dataclass
@@ -151,9 +153,43 @@ def prepare_data(workdir: str, protocol: Protocol) -> Data:
 
 
 def cell_config(data: Data, protocol: Protocol, budget: int | None, draw: int = 0) -> HistodiffConfig:
-    """Return the tiny-preset config of one (budget, draw) cell (``budget=None``: the shared generator)."""
+    """Return the tiny-preset config of one (budget, draw) cell (``budget=None``: the shared generator).
+
+    A variant's per-cell stages (pseudo-labels, latent classifier, selector, synthesis) live under its
+    own folder, except when the recipe's finished stages have exactly the specs the variant's would
+    have (an override of the downstream evaluation only, say): then the variant reads the recipe's
+    outputs, which its stages skip by fingerprint, instead of training and synthesizing them again."""
     root = data.root
-    sub = f"{root}/{protocol.variant}b{budget}/d{draw}" if budget else f"{root}/shared"
+    if not budget:
+        return _config(data, protocol, budget, draw, f"{root}/shared", ())
+    recipe = _config(data, protocol, budget, draw, f"{root}/b{budget}/d{draw}", ())
+    if not protocol.variant:
+        return recipe
+    shared_stages = _config(data, protocol, budget, draw, f"{root}/b{budget}/d{draw}", protocol.overrides)
+    if _same_cell_stages(recipe, shared_stages):
+        return shared_stages
+    return _config(data, protocol, budget, draw, f"{root}/{protocol.variant}b{budget}/d{draw}", protocol.overrides)
+
+
+def _same_cell_stages(recipe: HistodiffConfig, variant: HistodiffConfig) -> bool:
+    """Return whether every per-cell stage finished for ``recipe`` and ``variant`` has the same specs."""
+    from histodiff.runner import finished
+    from histodiff.stages import classifier, pseudolabel, selector, synthesize
+
+    store = Store()
+    for stage in (pseudolabel, classifier, selector, synthesize):
+        try:
+            mine, theirs = stage.spec(recipe, store), stage.spec(variant, store)
+        except (OSError, ValueError):  # an upstream output is missing or does not fit: nothing to share
+            return False
+        if mine != theirs or finished(stage, mine, store) is None:
+            return False
+    return True
+
+
+def _config(data: Data, protocol: Protocol, budget: int | None, draw: int, sub: str,
+            overrides: tuple[str, ...]) -> HistodiffConfig:
+    root = data.root
     n_labeled = len(data.idx["pool"]) + len(data.idx["val"])
     base = [
         f"name=mnist-b{budget}-d{draw}" if budget else "name=mnist", f"paths.root={sub}",
@@ -171,12 +207,12 @@ def cell_config(data: Data, protocol: Protocol, budget: int | None, draw: int = 
         f"evaluation.seeds={list(protocol.seeds)}", "evaluation.controls=[]",
         "synthesis.selector.backbone=test_resnet", "synthesis.selector.batch_size=16",
         "synthesis.accepted_per_class=32", "synthesis.max_samples_per_class=96", "synthesis.batch_size=32",
-        *METHOD_RECIPE, *protocol.generator_overrides,
+        *METHOD_RECIPE, *protocol.base_overrides,
     ]
     if budget:
         # The selector sees only the real labels: about 150 steps, however small the budget.
         base.append(f"synthesis.selector.epochs={max(12, math.ceil(150 / math.ceil(len(CLASSES) * budget / 16)))}")
-    return load_config("tiny", base + list(protocol.overrides))
+    return load_config("tiny", base + list(overrides))
 
 
 def pretrain_generator(data: Data, protocol: Protocol) -> HistodiffConfig:
@@ -283,7 +319,7 @@ def judged_precision(judge: Any, tiles: np.ndarray, target: np.ndarray) -> float
 def cell_key(protocol: Protocol, budget: int, draw: int) -> str:
     """Return the cache key of a cell: the protocol version, its settings and the recipe."""
     blob = json.dumps([VERSION, budget, draw, list(protocol.seeds), protocol.eval_steps, list(protocol.overrides),
-                       list(protocol.generator_overrides)])
+                       list(protocol.base_overrides)])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -113,13 +114,12 @@ def test_a_cached_input_is_reused_only_with_the_same_key(tmp_path):
 
 SMOKE = validate.Protocol(
     budgets=(2,), headline=2, draws=2, seeds=(0,), eval_steps=4, val_per_class=3, test_per_class=3, judge_steps=5, pool_limit=400,
-    generator_overrides=("autoencoder.steps=4", "autoencoder.checkpoint_every=4", "denoiser.steps=4",
-                         "denoiser.checkpoint_every=4", "denoiser.warmup_steps=1", "denoiser.sample_every=4",
-                         "denoiser.report_every=2"),
-    overrides=("evaluation.epochs=2", "classifier.steps=4", "classifier.checkpoint_every=4",
-               "classifier.report_every=2", "synthesis.selector.epochs=1", "synthesis.accepted_per_class=2",
-               "synthesis.max_samples_per_class=4", "synthesis.batch_size=8", "synthesis.num_inference_steps=2",
-               "pseudo_labels.per_class=2", "synthesis.selector.threshold=0.0"))
+    base_overrides=("autoencoder.steps=4", "autoencoder.checkpoint_every=4", "denoiser.steps=4",
+                    "denoiser.checkpoint_every=4", "denoiser.warmup_steps=1", "denoiser.sample_every=4",
+                    "denoiser.report_every=2", "evaluation.epochs=2", "classifier.steps=4",
+                    "classifier.checkpoint_every=4", "classifier.report_every=2", "synthesis.selector.epochs=1",
+                    "synthesis.accepted_per_class=2", "synthesis.max_samples_per_class=4", "synthesis.batch_size=8",
+                    "synthesis.num_inference_steps=2", "pseudo_labels.per_class=2", "synthesis.selector.threshold=0.0"))
 
 
 @pytest.mark.slow
@@ -134,7 +134,7 @@ def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path)
         assert curve[arm]["gain_ci_low"] <= curve[arm]["gain_points"] <= curve[arm]["gain_ci_high"]
     assert 0 <= out["guidance_precision_guided"] <= 1 and 0 <= out["guidance_precision_unguided"] <= 1
     assert out["validate_wall_s"] > 0 and {"autoencoder", "encode", "pretrain", "judge_val_bacc"} <= set(out["validate_generator"])
-    cells = sorted((tmp_path / SMOKE.variant / "cells").glob("*.json"))
+    cells = sorted((tmp_path / "cells").glob("*.json"))  # SMOKE is the recipe at smoke size: no variant
     assert [c.name for c in cells] == ["b2-d0.json", "b2-d1.json"]
     # A second run reuses the cells of the same protocol version and recipe (nothing retrained).
     # So are the judge and the unguided pool (keyed by their inputs): the same precision, nothing rewritten.
@@ -147,6 +147,18 @@ def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path)
     assert again["guidance_precision_unguided"] == out["guidance_precision_unguided"]
     assert again["validate_generator"]["judge_val_bacc"] == out["validate_generator"]["judge_val_bacc"]
     assert again["validate_curve"]["2"]["augmented"] == curve["augmented"]
+    # A variant of the downstream evaluation only reads the recipe's finished per-cell stages (their specs are
+    # the same): its own cells, no stage of its own; a variant of the synthesis gets its own stages.
+    weighting = dataclasses.replace(SMOKE, overrides=("evaluation.synthetic_weighting=none",))
+    markers = sorted(tmp_path.glob("b2/d*/**/_stage.json"))
+    marker_stamps = [m.stat().st_mtime for m in markers]
+    validate.run_validation(str(tmp_path), weighting)
+    assert sorted(p.name for p in (tmp_path / weighting.variant / "cells").glob("*.json")) == ["b2-d0.json", "b2-d1.json"]
+    assert not (tmp_path / weighting.variant / "b2").exists() and len(markers) >= 8
+    assert [m.stat().st_mtime for m in markers] == marker_stamps  # skipped by fingerprint, not rewritten
+    data = validate.prepare_data(str(tmp_path), SMOKE)
+    anchored = dataclasses.replace(SMOKE, overrides=("synthesis.strength=1.0",))
+    assert validate.cell_config(data, anchored, 2, 0).paths.root == f"{tmp_path}/{anchored.variant}b2/d0"
 
 
 def test_the_oracle_ceiling_command_runs_for_real(tmp_path, capsys):
