@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pkgutil
+import subprocess
 from pathlib import Path
 
 from histodiff.storage import Store
@@ -25,6 +26,22 @@ AREAS_DIR = Path(__file__).resolve().parent / "areas"
 def areas() -> list[str]:
     """Return the names of the benchmark areas (the modules in bench/areas/)."""
     return sorted(m.name for m in pkgutil.iter_modules([str(AREAS_DIR)]) if not m.name.startswith("_"))
+
+
+def code_version() -> str:
+    """Return ``code <short commit>`` of the checkout the benchmarks run from (``+ uncommitted changes`` when
+    its tracked files differ from that commit), or ``code of unknown version`` outside a git checkout."""
+    root = AREAS_DIR.parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    try:
+        commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "code of unknown version"
+    return f"code {commit}" + (" + uncommitted changes" if dirty else "")
 
 
 def check_entry(key: str, value: object) -> None:
@@ -63,6 +80,7 @@ def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_
             raise ValueError(f"benchmark area {only!r} takes no overrides (got {list(overrides)})")
     measured: dict[str, dict] = {}
     failed = []
+    code = code_version()  # before any area runs: the code that runs, not what an edit meanwhile leaves
     for name in names:
         area_dir = os.path.join(workdir, name)
         os.makedirs(area_dir, exist_ok=True)
@@ -78,6 +96,8 @@ def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_
             figures = area.run(area_dir, **kwargs)
             for key, value in figures.items():
                 check_entry(key, value)
+                # Every figure names the code it was measured with: a figure of stale code is a defect.
+                value["measured"] = f"{value['measured']}, {code}"
                 if overrides:
                     value["measured"] = f"{value['measured']} (overrides: {' '.join(overrides)})"
         except Exception as exc:  # one broken area must not lose the others' figures

@@ -232,14 +232,15 @@ def pretrain_generator(data: Data, protocol: Protocol) -> HistodiffConfig:
 def _cached(root: str, name: str, key: list[Any], compute: Callable[[], tuple[dict[str, torch.Tensor], dict]]
             ) -> tuple[dict[str, torch.Tensor], dict]:
     """Return ``compute()``'s (tensors, info), stored under ``{root}/cache/{name}`` with ``key``: a later run
-    with the same key loads them instead (the judge and the unguided pool cost about 15 minutes a sitting)."""
+    (a resumed one, or a variant's) with the same key loads them instead of computing them again."""
     from safetensors.torch import load, save
 
     store, digest = Store(), hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     meta_uri, data_uri = join(root, "cache", f"{name}.json"), join(root, "cache", f"{name}.safetensors")
-    if store.exists(meta_uri) and store.read_json(meta_uri).get("key") == digest:
+    meta = store.read_json(meta_uri) if store.exists(meta_uri) else {}
+    if meta.get("key") == digest:
         log.info("validation: %s finished earlier with the same inputs (%s); loaded", name, digest)
-        return load(store.read_bytes(data_uri)), store.read_json(meta_uri)["info"]
+        return load(store.read_bytes(data_uri)), meta["info"]
     tensors, info = compute()
     store.write_bytes(data_uri, save({k: v.contiguous() for k, v in tensors.items()}))
     store.write_json(meta_uri, {"key": digest, "info": info})  # written last: it marks the tensors complete

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -150,6 +151,7 @@ def test_benchmark_runner_merges_and_keeps_other_areas(tmp_path, monkeypatch):
     out.write_text(json.dumps({"other_area_key": {"value": 1, "unit": "s", "goal": "g", "measured": "m"}}))
     measured = runner.run_benchmarks(str(out), only="tmparea", workdir=str(tmp_path / "w"))
     assert measured["tmp_ratio"]["value"] == 2.5
+    assert measured["tmp_ratio"]["measured"].endswith(runner.code_version())
     merged = json.loads(out.read_text())
     assert set(merged) == {"other_area_key", "tmp_ratio"}
     with pytest.raises(ValueError, match="unknown benchmark area"):
@@ -158,6 +160,28 @@ def test_benchmark_runner_merges_and_keeps_other_areas(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="tmparea"):
         runner.run_benchmarks(str(out), only="tmparea", workdir=str(tmp_path / "w"))
     assert set(json.loads(out.read_text())) == {"other_area_key", "tmp_ratio"}  # a failed area loses nothing
+
+
+def test_benchmark_figures_name_the_code_they_were_measured_with(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "bench" / "areas").mkdir(parents=True)
+    monkeypatch.setattr(runner, "AREAS_DIR", repo / "bench" / "areas")
+    assert runner.code_version() == "code of unknown version"  # not a git checkout
+    (repo / "f.py").write_text("x = 1\n")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "f.py")
+    git("commit", "-q", "-m", "one")
+    commit = git("rev-parse", "--short", "HEAD")
+    assert runner.code_version() == f"code {commit}"
+    (repo / "new.py").write_text("")  # untracked: not part of the measured code
+    assert runner.code_version() == f"code {commit}"
+    (repo / "f.py").write_text("x = 2\n")
+    assert runner.code_version() == f"code {commit} + uncommitted changes"
 
 
 def test_benchmark_overrides_measure_a_variant_beside_the_results(tmp_path, monkeypatch):
@@ -175,7 +199,7 @@ def test_benchmark_overrides_measure_a_variant_beside_the_results(tmp_path, monk
     out.write_text(json.dumps({"tmp_gain": {"value": 0.0, "unit": "points", "goal": "higher", "measured": "m"}}))
     measured = runner.run_benchmarks(str(out), only="tmparea", workdir=str(work), overrides=("a.b=1", "c=2"))
     assert seen == {"quick": False, "overrides": ("a.b=1", "c=2")}
-    assert measured["tmp_gain"]["measured"] == "today (overrides: a.b=1 c=2)"
+    assert measured["tmp_gain"]["measured"] == f"today, {runner.code_version()} (overrides: a.b=1 c=2)"
     assert json.loads(out.read_text())["tmp_gain"]["value"] == 0.0  # a variant never replaces a result
     assert json.loads((work / "tmparea-variant.json").read_text())["tmp_gain"]["value"] == 1.5
     runner.run_benchmarks(str(out), only="tmparea", workdir=str(work), quick=True, overrides=("a.b=1",))
