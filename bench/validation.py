@@ -23,6 +23,7 @@ The aggregation (intervals over draws, Holm) is :mod:`bench.validation_report`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -84,9 +85,9 @@ class Protocol:
 
     @classmethod
     def quick(cls, overrides: tuple[str, ...] = ()) -> "Protocol":
-        """Return the development protocol: the headline budget only, 2 draws, 2 seeds, a shorter generator."""
-        return cls(budgets=(19,), draws=2, seeds=(0, 1), overrides=overrides,
-                   base_overrides=("autoencoder.steps=200", "denoiser.steps=600"))
+        """Return the development protocol: the headline budget only, 2 draws, 2 seeds, and the full protocol's
+        generator (about 10 minutes from an empty workdir on 2 idle cores)."""
+        return cls(budgets=(19,), draws=2, seeds=(0, 1), overrides=overrides)
 
 
 @dataclass
@@ -159,16 +160,36 @@ def cell_config(data: Data, protocol: Protocol, budget: int | None, draw: int = 
     own folder, except when the recipe's finished stages have exactly the specs the variant's would
     have (an override of the downstream evaluation only, say): then the variant reads the recipe's
     outputs, which its stages skip by fingerprint, instead of training and synthesizing them again."""
-    root = data.root
-    if not budget:
-        return _config(data, protocol, budget, draw, f"{root}/shared", ())
-    recipe = _config(data, protocol, budget, draw, f"{root}/b{budget}/d{draw}", ())
+    root, gen = data.root, generator_root(data, protocol)
+    if not budget:  # the recipe's generator settings, unless the variant changes them (then under its own folder)
+        return _config(data, protocol, budget, draw, f"{gen}/shared", protocol.overrides if gen != root else (), gen)
+    recipe = _config(data, protocol, budget, draw, f"{root}/b{budget}/d{draw}", (), root)
     if not protocol.variant:
         return recipe
-    shared_stages = _config(data, protocol, budget, draw, f"{root}/b{budget}/d{draw}", protocol.overrides)
+    shared_stages = _config(data, protocol, budget, draw, f"{root}/b{budget}/d{draw}", protocol.overrides, gen)
     if _same_cell_stages(recipe, shared_stages):
         return shared_stages
-    return _config(data, protocol, budget, draw, f"{root}/{protocol.variant}b{budget}/d{draw}", protocol.overrides)
+    return _config(data, protocol, budget, draw, f"{root}/{protocol.variant}b{budget}/d{draw}", protocol.overrides,
+                   gen)
+
+
+# The config sections the shared generator (autoencoder, encode, pretrain) is trained from.
+GENERATOR_SECTIONS = ("seed", "data", "autoencoder", "denoiser")
+
+
+def generator_root(data: Data, protocol: Protocol) -> str:
+    """Return under which folder the generator of ``protocol`` lives: the workdir, shared by the recipe and by
+    every variant that leaves the generator's settings alone; ``variants/<hash>`` for a variant that changes
+    them (``denoiser.steps=2000``, say), which then trains a generator of its own instead of silently
+    reusing the recipe's."""
+    root = data.root
+    if not protocol.variant:
+        return root
+    mine = _config(data, protocol, None, 0, f"{root}/shared", (), root)
+    theirs = _config(data, protocol, None, 0, f"{root}/shared", protocol.overrides, root)
+    if all(getattr(mine, name) == getattr(theirs, name) for name in GENERATOR_SECTIONS):
+        return root
+    return f"{root}/{protocol.variant}".rstrip("/")
 
 
 def _same_cell_stages(recipe: HistodiffConfig, variant: HistodiffConfig) -> bool:
@@ -188,15 +209,15 @@ def _same_cell_stages(recipe: HistodiffConfig, variant: HistodiffConfig) -> bool
 
 
 def _config(data: Data, protocol: Protocol, budget: int | None, draw: int, sub: str,
-            overrides: tuple[str, ...]) -> HistodiffConfig:
+            overrides: tuple[str, ...], gen: str) -> HistodiffConfig:
     root = data.root
     n_labeled = len(data.idx["pool"]) + len(data.idx["val"])
     base = [
         f"name=mnist-b{budget}-d{draw}" if budget else "name=mnist", f"paths.root={sub}",
         f"paths.unlabeled_shards={root}/shards/pool", f"paths.labeled_shards={root}/shards/labeled",
-        f"paths.labeled_test_shards={root}/shards/test", f"paths.autoencoder={root}/models/autoencoder",
-        f"paths.latents={root}/latents/pool", f"paths.labeled_latents={root}/latents/labeled",
-        f"paths.denoiser={root}/models/denoiser", f"paths.checkpoints={root}/checkpoints",
+        f"paths.labeled_test_shards={root}/shards/test", f"paths.autoencoder={gen}/models/autoencoder",
+        f"paths.latents={gen}/latents/pool", f"paths.labeled_latents={gen}/latents/labeled",
+        f"paths.denoiser={gen}/models/denoiser", f"paths.checkpoints={root}/checkpoints",
         "data.tile_size=32", "data.augment=false", "data.test_fraction=0.0",
         f"data.val_fraction={len(data.idx['val']) / n_labeled!r}", f"data.labels_per_class={budget or 1}",
         f"data.label_draw={draw}", "tracking.enabled=false",
@@ -337,21 +358,32 @@ def run_validation(workdir: str, protocol: Protocol = Protocol()) -> dict[str, A
     shared = pretrain_generator(data, protocol)
     judge = train_judge(data, protocol)
     n_unguided = shared.synthesis.max_samples_per_class * len(CLASSES)
-    unguided = unguided_pool(shared, data.root, n_unguided)
+    unguided = unguided_pool(shared, generator_root(data, protocol), n_unguided)
     unguided_target = np.arange(len(unguided)) % len(CLASSES)
     precision_unguided = judged_precision(judge, unguided, unguided_target)
     cells = []
-    store = Store()
     # The primary (headline) budget first: an interrupted run has the figure that matters.
     for budget in sorted(protocol.budgets, key=lambda b: b != protocol.headline):
         for draw in range(protocol.draws):
-            path = join(data.root, f"{protocol.variant}cells", f"b{budget}-d{draw}.json")
-            key = cell_key(protocol, budget, draw)
-            if store.exists(path) and store.read_json(path).get("key") == key:
-                cells.append(store.read_json(path))
-                continue
-            cell = run_cell(data, cell_config(data, protocol, budget, draw), judge, unguided)
-            cell.update(budget=budget, draw=draw, key=key)
-            store.write_json(path, cell)  # a cell survives an interrupted run
+            cell = finished_cell(data.root, protocol, budget, draw)
+            if cell is None:
+                cell = run_cell(data, cell_config(data, protocol, budget, draw), judge, unguided)
+                cell.update(budget=budget, draw=draw, key=cell_key(protocol, budget, draw))
+                Store().write_json(_cell_path(data.root, protocol, budget, draw), cell)  # survives an interruption
             cells.append(cell)
-    return figures(cells, protocol, precision_unguided, time.time() - t0, data.extra)
+    # A variant is also compared with the recipe's cells of the same draws, when they are finished in this workdir.
+    recipe = dataclasses.replace(protocol, overrides=())
+    recipe_cells = [c for b in protocol.budgets for d in range(protocol.draws)
+                    if (c := finished_cell(data.root, recipe, b, d)) is not None] if protocol.variant else None
+    return figures(cells, protocol, precision_unguided, time.time() - t0, data.extra, recipe_cells)
+
+
+def _cell_path(root: str, protocol: Protocol, budget: int, draw: int) -> str:
+    return join(root, f"{protocol.variant}cells", f"b{budget}-d{draw}.json")
+
+
+def finished_cell(root: str, protocol: Protocol, budget: int, draw: int) -> dict | None:
+    """Return the cell of ``protocol`` at (budget, draw) finished earlier in the workdir ``root``, or None."""
+    store, path = Store(), _cell_path(root, protocol, budget, draw)
+    cell = store.read_json(path) if store.exists(path) else None
+    return cell if cell is not None and cell.get("key") == cell_key(protocol, budget, draw) else None

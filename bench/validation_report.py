@@ -58,12 +58,38 @@ def budget_figures(cells: list[dict]) -> dict[str, Any]:
     return out
 
 
+def minus_recipe(cells: list[dict], recipe: list[dict]) -> dict[str, Any] | None:
+    """Return a variant's augmented gain minus the recipe's, paired by draw and seed (the same labels, the same
+    downstream seed), with a 95% t-interval over the draws both have; None when they share no draw."""
+    theirs = {c["draw"]: c for c in recipe}
+    per_draw, draws = [], []
+    for cell in sorted(cells, key=lambda c: c["draw"]):
+        if cell["draw"] not in theirs:
+            continue
+        mine, other = cell["outcomes"], theirs[cell["draw"]]["outcomes"]
+        a, b, ra, rb = _acc(mine, "augmented"), _acc(mine, "baseline"), _acc(other, "augmented"), _acc(other, "baseline")
+        seeds = sorted(set(a) & set(b) & set(ra) & set(rb))
+        if seeds:
+            per_draw.append([(a[s] - b[s]) - (ra[s] - rb[s]) for s in seeds])
+            draws.append(cell["draw"])
+    if not per_draw:
+        return None
+    gain = draw_gain(per_draw)
+    return {"gain_points": gain.mean, "gain_ci_low": gain.ci_low, "gain_ci_high": gain.ci_high,
+            "gain_per_draw": [float(np.mean(d)) for d in per_draw], "draws": draws}
+
+
 def figures(cells: list[dict], protocol: Any, precision_unguided: float, wall_s: float,
-            generator: dict | None = None) -> dict[str, Any]:
-    """Return the benchmark keys of issue 14 from every cell of one run."""
+            generator: dict | None = None, recipe_cells: list[dict] | None = None) -> dict[str, Any]:
+    """Return the benchmark keys of issue 14 from every cell of one run (a variant's with ``recipe_cells``, the
+    recipe's finished cells: then every budget's augmented arm also says how far it moved from the recipe's)."""
     by_budget = {str(b): [c for c in cells if c["budget"] == b] for b in protocol.budgets}
     missing = [b for b, cs in by_budget.items() if not cs]
     curve = {b: budget_figures(cs) for b, cs in by_budget.items() if cs}
+    for b, f in curve.items():
+        moved = minus_recipe(by_budget[b], [c for c in recipe_cells or [] if str(c["budget"]) == b])
+        if moved is not None and "augmented" in f:
+            f["augmented"]["minus_recipe"] = moved
     if not curve:
         raise ValueError(f"no validation cell finished for any budget of {list(protocol.budgets)}: nothing to report")
     budgets = list(curve)
@@ -91,16 +117,24 @@ def figures(cells: list[dict], protocol: Any, precision_unguided: float, wall_s:
 def table_markdown(curve: dict[str, dict]) -> str:
     """Return the curve as a markdown table: accuracy and gain [95% CI over draws] per arm and budget.
 
-    A budget with fewer than ``MIN_DRAWS`` draws has its row marked: its intervals mean nothing.
+    A budget with fewer than ``MIN_DRAWS`` draws has its row marked: its intervals mean nothing. A variant's
+    table has one more column: its augmented gain minus the recipe's, paired by draw.
     """
-    head = "| labels/class | baseline | " + " | ".join(ARMS) + " |"
-    lines = [head, "|" + "---|" * (2 + len(ARMS))]
+    compared = any("minus_recipe" in f.get("augmented", {}) for f in curve.values())
+    names = [*ARMS, "augmented minus recipe"] if compared else list(ARMS)
+    lines = ["| labels/class | baseline | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
+
+    def gain(a: dict) -> str:
+        return f"{a['gain_points']:+.1f} [{a['gain_ci_low']:+.1f}, {a['gain_ci_high']:+.1f}]"
+
     for b, f in curve.items():
         cells = []
         for arm in ARMS:
             a = f.get(arm)
-            cells.append("n/a" if a is None else
-                         f"{a['acc']:.1f} ({a['gain_points']:+.1f} [{a['gain_ci_low']:+.1f}, {a['gain_ci_high']:+.1f}])")
+            cells.append("n/a" if a is None else f"{a['acc']:.1f} ({gain(a)})")
+        if compared:
+            moved = f.get("augmented", {}).get("minus_recipe")
+            cells.append("n/a" if moved is None else gain(moved))
         label = f"{b} (intervals over {f['label_draws']} draws: not meaningful)" if f.get("few_draws") else b
         lines.append(f"| {label} | {f['baseline_acc']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench import validation as validate
-from bench.validation_report import ARMS, budget_figures, figures, table_markdown
+from bench.validation_report import ARMS, budget_figures, figures, minus_recipe, table_markdown
 
 
 def test_mnist_tiles_are_padded_rgb_and_splits_are_disjoint():
@@ -57,6 +57,14 @@ def test_a_variant_never_overwrites_the_recipes_cells_or_another_variants(tmp_pa
     assert roots[0] == f"{tmp_path}/b2/d0" and len(set(roots)) == 3  # the recipe's cache keeps its paths
     # the generator is shared by all of them: a variant of the downstream recipe does not retrain it
     assert len({validate.cell_config(data, p, None).paths.denoiser for p in (recipe, *variants)}) == 1
+    # ... but a variant of the generator trains its own, and its cells read that one (never the recipe's)
+    longer = validate.Protocol(overrides=("denoiser.steps=900",))
+    shared, cell = validate.cell_config(data, longer, None), validate.cell_config(data, longer, 2, 0)
+    mine = f"{tmp_path}/{longer.variant}".rstrip("/")
+    assert validate.generator_root(data, longer) == mine and shared.denoiser.steps == 900
+    assert shared.paths.denoiser == cell.paths.denoiser == f"{mine}/models/denoiser"
+    assert shared.paths.latents == cell.paths.latents == f"{mine}/latents/pool"
+    assert cell.paths.root == f"{mine}/b2/d0" and validate.cell_config(data, recipe, None).denoiser.steps != 900
 
 
 def _cell(draw: int, gains: dict[str, list[float]], nothing: bool = False) -> dict:
@@ -69,6 +77,27 @@ def _cell(draw: int, gains: dict[str, list[float]], nothing: bool = False) -> di
     return {"budget": 5, "draw": draw, "outcomes": outcomes, "synthesis": report, "nothing_accepted": nothing,
             "volumes": {}, "precision_guided": 0.5, "precision_guided_accepted": 0.9, "selector_val_bacc": 0.8,
             "probes": {"latent_knn": 0.7}, "pseudo_label_precision": math.nan}
+
+
+def test_a_variant_is_compared_with_the_recipe_paired_by_draw_and_seed():
+    # recipe: augmented gains +1/+3 (draw 0) and +4/+4 (draw 1); the variant: +2/+2 and +6/+4, and a draw 2
+    # that the recipe never ran (left out of the pairing)
+    recipe = [_cell(0, {"augmented": [1.0, 3.0]}), _cell(1, {"augmented": [4.0, 4.0]})]
+    variant = [_cell(0, {"augmented": [2.0, 2.0]}), _cell(1, {"augmented": [6.0, 4.0]}),
+               _cell(2, {"augmented": [9.0, 9.0]})]
+    variant[1]["outcomes"][0]["test"]["accuracy"] -= 0.01  # a lower baseline raises the variant's gain by 0.5
+    moved = minus_recipe(variant, recipe)
+    assert moved["draws"] == [0, 1] and moved["gain_per_draw"] == pytest.approx([0.0, 1.5], abs=1e-9)
+    half = 12.7062 * math.sqrt(1.125) / math.sqrt(2)  # t(0.975, df=1) x sd([0, 1.5]) / sqrt(2 draws)
+    assert moved["gain_points"] == pytest.approx(0.75)
+    assert (moved["gain_ci_low"], moved["gain_ci_high"]) == pytest.approx((0.75 - half, 0.75 + half), rel=1e-4)
+    assert minus_recipe(variant, []) is None
+    out = figures(variant, validate.Protocol(budgets=(5,), headline=5), 0.1, 12.0, recipe_cells=recipe)
+    assert out["validate_curve"]["5"]["augmented"]["minus_recipe"]["gain_points"] == pytest.approx(0.75)
+    table = table_markdown(out["validate_curve"])
+    assert table.splitlines()[0].endswith("| augmented minus recipe |") and table.endswith(" | +0.8 [-8.8, +10.3] |")
+    assert "minus recipe" not in table_markdown(figures(recipe, validate.Protocol(budgets=(5,), headline=5),
+                                                        0.1, 12.0)["validate_curve"])
 
 
 def test_the_gain_interval_is_over_draws_and_a_draw_that_accepted_nothing_counts_as_zero():
@@ -123,8 +152,15 @@ SMOKE = validate.Protocol(
 
 
 @pytest.mark.slow
-def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path):
-    """The whole protocol at smoke size on the real stages and real Ray: figures for every arm, cells cached."""
+def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path, monkeypatch, capsys):
+    """The whole protocol at smoke size on the real stages and real Ray: figures for every arm, cells cached;
+    then `histodiff bench validate KEY=VALUE` (a variant, the protocol at smoke size) on the same workdir."""
+    from bench.areas import validate as validate_area
+    from bench.runner import code_version
+    from histodiff.cli import main
+
+    work = tmp_path
+    tmp_path = work / "validate" / "full"  # where `histodiff bench validate --workdir WORK` keeps the recipe's run
     out = validate.run_validation(str(tmp_path), SMOKE)
     curve = out["validate_curve"]["2"]
     assert curve["label_draws"] == 2 and curve["seeds"] == 1 and curve["draws_nothing_accepted"] == []
@@ -153,7 +189,20 @@ def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path)
     weighting = dataclasses.replace(SMOKE, overrides=("evaluation.synthetic_weighting=none",))
     markers = sorted(tmp_path.glob("b2/d*/**/_stage.json"))
     marker_stamps = [m.stat().st_mtime for m in markers]
-    validate.run_validation(str(tmp_path), weighting)
+    monkeypatch.setattr(validate_area, "Protocol", lambda overrides=(): dataclasses.replace(SMOKE, overrides=overrides))
+    results = work / "results.json"
+    capsys.readouterr()
+    assert main(["bench", "validate", "evaluation.synthetic_weighting=none", "--workdir", str(work),
+                 "--output", str(results)]) == 0
+    # ... prints its table, which says how far its augmented arm moved from the recipe's (paired over the two
+    # draws both ran), and writes its figures beside the results (never into them), naming the code and variant
+    printed = capsys.readouterr().out
+    assert "| augmented minus recipe |" in printed and "\n| 2 (intervals over 2 draws: not meaningful) | " in printed
+    variant = json.loads((work / "validate-variant.json").read_text())
+    assert variant["validate_curve"]["value"]["2"]["augmented"]["minus_recipe"]["draws"] == [0, 1]
+    assert variant["validate_wall_s"]["measured"].endswith(
+        f", {code_version()} (overrides: evaluation.synthetic_weighting=none)")
+    assert not results.exists() and "minus_recipe" not in curve["augmented"]  # the recipe: nothing to compare with
     assert sorted(p.name for p in (tmp_path / weighting.variant / "cells").glob("*.json")) == ["b2-d0.json", "b2-d1.json"]
     assert not (tmp_path / weighting.variant / "b2").exists() and len(markers) >= 8
     assert [m.stat().st_mtime for m in markers] == marker_stamps  # skipped by fingerprint, not rewritten

@@ -7,6 +7,7 @@ import platform
 from datetime import datetime, timezone
 
 from bench.validation import Protocol, run_validation
+from bench.validation_report import table_markdown
 
 UNITS = {
     "validate_headline_budget": ("labels per class", "5% of the pool's labels: the label fraction of the paper's +6.4"),
@@ -42,6 +43,8 @@ def run(workdir: str, quick: bool = False, overrides: tuple[str, ...] = ()) -> d
         load_config("tiny", list(overrides))
     protocol = Protocol.quick(tuple(overrides)) if quick else Protocol(overrides=tuple(overrides))
     figures = run_validation(os.path.join(workdir, "quick" if quick else "full"), protocol)
+    print("test accuracy % (gain over the baseline in points [95% interval over label draws]):\n"
+          + table_markdown(figures["validate_curve"]), flush=True)
     stamp = f"{datetime.now(timezone.utc):%Y-%m-%d} {_machine()}" + (" (QUICK mode: not a result)" if quick else "")
     return {key: {"value": figures[key], "unit": unit, "goal": goal, "measured": stamp}
             for key, (unit, goal) in UNITS.items()}

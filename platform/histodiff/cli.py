@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="bench/results.json")
     p.add_argument("--workdir", default="bench/_work")
     p.add_argument("--quick", action="store_true", help="development mode where an area has one (validate: one "
-                   "budget, 2 draws, about 30 min on 2 idle cores); figures go to <workdir>/<area>-quick.json, "
+                   "budget, 2 draws, about 10 min on 2 idle cores); figures go to <workdir>/<area>-quick.json, "
                    "never to --output")
     p.set_defaults(fn=cmd_bench)
     return parser
