@@ -28,6 +28,19 @@ def _acc(outcomes: list[dict], arm: str) -> dict[int, float]:
     return {o["seed"]: 100.0 * o["test"]["accuracy"] for o in outcomes if o["arm"] == arm}
 
 
+def _gains(outcomes: list[dict], arm: str) -> dict[int, float]:
+    """Return the arm's test accuracy minus the baseline's, per seed (paired: the same seed, the same real tiles)."""
+    acc, base = _acc(outcomes, arm), _acc(outcomes, "baseline")
+    return {s: acc[s] - base[s] for s in sorted(acc) if s in base}
+
+
+def _over_draws(per_draw: list[list[float]]) -> dict[str, Any]:
+    """Return the gain over draws of per-(draw, seed) gains: its mean, 95% interval and each draw's mean."""
+    gain = draw_gain(per_draw)
+    return {"gain_points": gain.mean, "gain_ci_low": gain.ci_low, "gain_ci_high": gain.ci_high,
+            "gain_per_draw": [float(np.mean(d)) for d in per_draw], "p_value": t_test_p(gain.per_seed)}
+
+
 def budget_figures(cells: list[dict]) -> dict[str, Any]:
     """Return one budget's figures from its cells (one per label draw)."""
     out: dict[str, Any] = {"label_draws": len(cells), "seeds": len(_acc(cells[0]["outcomes"], "baseline")),
@@ -35,14 +48,11 @@ def budget_figures(cells: list[dict]) -> dict[str, Any]:
     base = [_acc(c["outcomes"], "baseline") for c in cells]
     out["baseline_acc"] = float(np.mean([v for b in base for v in b.values()]))
     for arm in ARMS:
-        accs = [_acc(c["outcomes"], arm) for c in cells]
-        per_draw = [[a[s] - b[s] for s in sorted(a) if s in b] for a, b in zip(accs, base)]
+        per_draw = [list(_gains(c["outcomes"], arm).values()) for c in cells]
         if any(not d for d in per_draw):
             continue
-        gain = draw_gain(per_draw)
-        out[arm] = {"acc": float(np.mean([v for a in accs for v in a.values()])), "gain_points": gain.mean,
-                    "gain_ci_low": gain.ci_low, "gain_ci_high": gain.ci_high,
-                    "gain_per_draw": [float(np.mean(d)) for d in per_draw], "p_value": t_test_p(gain.per_seed)}
+        accs = [_acc(c["outcomes"], arm) for c in cells]
+        out[arm] = {"acc": float(np.mean([v for a in accs for v in a.values()])), **_over_draws(per_draw)}
     reports = [c["synthesis"] for c in cells]
     out["selectivity"] = float(np.mean([r["selectivity"] for rep in reports for r in rep.values()]))
     out["accepted_per_class"] = float(np.mean([r["accepted"] for rep in reports for r in rep.values()]))
@@ -66,17 +76,11 @@ def minus_recipe(cells: list[dict], recipe: list[dict]) -> dict[str, Any] | None
     for cell in sorted(cells, key=lambda c: c["draw"]):
         if cell["draw"] not in theirs:
             continue
-        mine, other = cell["outcomes"], theirs[cell["draw"]]["outcomes"]
-        a, b, ra, rb = _acc(mine, "augmented"), _acc(mine, "baseline"), _acc(other, "augmented"), _acc(other, "baseline")
-        seeds = sorted(set(a) & set(b) & set(ra) & set(rb))
-        if seeds:
-            per_draw.append([(a[s] - b[s]) - (ra[s] - rb[s]) for s in seeds])
+        mine, other = _gains(cell["outcomes"], "augmented"), _gains(theirs[cell["draw"]]["outcomes"], "augmented")
+        if seeds := [s for s in mine if s in other]:
+            per_draw.append([mine[s] - other[s] for s in seeds])
             draws.append(cell["draw"])
-    if not per_draw:
-        return None
-    gain = draw_gain(per_draw)
-    return {"gain_points": gain.mean, "gain_ci_low": gain.ci_low, "gain_ci_high": gain.ci_high,
-            "gain_per_draw": [float(np.mean(d)) for d in per_draw], "draws": draws}
+    return {**_over_draws(per_draw), "draws": draws} if per_draw else None
 
 
 def figures(cells: list[dict], protocol: Any, precision_unguided: float, wall_s: float,
