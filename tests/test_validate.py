@@ -221,3 +221,25 @@ def test_the_oracle_ceiling_command_runs_for_real(tmp_path, capsys):
     table = json.loads(out.read_text())
     assert list(table) == ["10"] and set(table["10"]) == {"baseline", "oracle2", "oracle4"}
     assert 0 <= table["10"]["baseline"] <= 100 and '"oracle4"' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_fid_curve_command_continues_one_denoiser_run_for_real(ray_local, tmp_path, capsys):
+    """`python -m bench.fid_curve` at smoke size: the real stages on real Ray; the second step count resumes the
+    first one's run from its checkpoint instead of training from scratch; a table and a plot."""
+    from bench import fid_curve
+
+    out = tmp_path / "fid.json"
+    assert fid_curve.main(["--workdir", str(tmp_path / "w"), "--steps", "8,4", "--samples", "8", "--output", str(out)],
+                          protocol=SMOKE) == 0
+    table = json.loads(out.read_text())
+    assert list(table["steps"]) == ["4", "8"] and table["samples"] == 8 and table["pool"] == 400
+    first, second = table["steps"]["4"], table["steps"]["8"]
+    assert first["resumed_from"] == [] and second["resumed_from"] == [4]
+    for row in (first, second):
+        assert math.isfinite(row["fid"]) and row["fid"] >= 0 and row["probe_loss"] > 0
+        assert 0 <= row["class_share_min_max"][0] <= row["class_share_min_max"][1] <= 1
+    assert (tmp_path / "fid.png").stat().st_size > 0 and '"fid"' in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # bad input: refused by argparse before anything trains
+        fid_curve.main(["--workdir", str(tmp_path / "never"), "--steps", "0"])
+    assert not (tmp_path / "never").exists()
