@@ -11,6 +11,11 @@ All figures come from one run on one machine, side by side:
   latents, each run for one pass over its data. Target <= 1.2 (the latents are streamed).
 - ``two_vs_one_worker_ratio``: samples/s with 2 Ray Train workers vs 1, one thread each, the two
   alternated ``rounds`` times and each one's best kept. Target >= 1.7.
+- ``two_plain_processes_vs_one_ratio``: the machine's own ceiling for the figure above: the plain
+  PyTorch loop (no Ray, no DDP, no data loading) in two processes of one thread each, started
+  together, vs in one process. Two workers cannot scale better than two independent loops do,
+  so ``two_vs_one_worker_ratio`` is read against this (on a VM whose two vCPUs share a physical
+  core or a memory bus, it is well under 2).
 - ``multinode_two_node_vs_one_node_ratio``: the same 2 workers placed on two Ray nodes (a head and a
   worker node of ``ray.cluster_utils.Cluster``, STRICT_SPREAD) vs both on one node (STRICT_PACK), on
   the same machine and the same CPUs: the cost of crossing nodes (gradients and data between two
@@ -94,6 +99,30 @@ def ray_rate(cfg: Any, shape: list[int], workers: int, threads: int, stage: str,
     log.info("%s: %.1f samples/s, %.0f ms per step of which %.0f ms waiting for data (rank 0)",
              stage, got["rate"], got["step_ms"], got["data_wait_ms"])
     return float(got["rate"])
+
+
+def _plain_child(cfg_dict: dict, shape: list[int], barrier: Any, out: Any) -> None:
+    from histodiff.config import config_from_dict
+
+    torch.set_num_threads(1)
+    barrier.wait()  # both loops start together: each one's measured steps overlap the other's
+    out.put(plain_rate(config_from_dict(cfg_dict), shape, torch.device("cpu"))[0])
+
+
+def parallel_plain_rates(cfg: Any, shape: list[int], processes: int) -> float:
+    """Return the summed samples/s of ``processes`` plain 1-thread denoiser loops run at the same time."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(processes), ctx.Queue()
+    children = [ctx.Process(target=_plain_child, args=(cfg.public_dict(), shape, barrier, out))
+                for _ in range(processes)]
+    for child in children:
+        child.start()
+    rates = [out.get(timeout=600) for _ in children]
+    for child in children:
+        child.join()
+    return float(sum(rates))
 
 
 def two_node_rates(root: str, preset: str = "tiny", rounds: int = 2) -> dict[str, float]:
@@ -217,6 +246,10 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: in
             matmul = max(matmul, matmul_flops(torch.device("cpu")))
             sps, flops = plain_rate(cfg, shape, torch.device("cpu"))
             plain_sps, plain_flops = max(plain_sps, sps), max(plain_flops, flops)
+        one_plain = two_plain = 0.0  # the machine's ceiling for 2 workers: alternated, best of each
+        for _ in range(rounds):
+            one_plain = max(one_plain, parallel_plain_rates(cfg, shape, 1))
+            two_plain = max(two_plain, parallel_plain_rates(cfg, shape, 2))
         ray_one = ray_two = 0.0  # alternated, best of each: one round on 2 shared cores is noise (ratios 1.2 to 1.75)
         for r in range(rounds):
             ray_one = max(ray_one, ray_rate(cfg, shape, 1, 1, f"bench-1w-{r}"))
@@ -248,6 +281,10 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: in
         "rss_10x_over_1x": figure(round(rss[10] / rss[1], 3), "ratio", "<= 1.2"),
         "two_vs_one_worker_ratio": figure(round(ray_two / ray_one, 3), "ratio",
                                           f">= 1.7; best of {rounds} alternated rounds each"),
+        "two_plain_processes_vs_one_ratio": figure(
+            round(two_plain / one_plain, 3), "ratio",
+            f"informational: this machine's ceiling for two_vs_one_worker_ratio (two plain 1-thread loops at once vs "
+            f"one, no Ray; best of {rounds} alternated rounds each: {two_plain:.1f} vs {one_plain:.1f} samples/s)"),
         "denoiser_samples_per_s": figure({"plain_1thread": round(plain_sps, 1), "ray_1worker": round(ray_one, 1),
                                           "ray_2workers": round(ray_two, 1)}, "samples/s", "informational"),
     }
