@@ -20,6 +20,7 @@ never overwritten, and a rerun skips the step counts it finished (the stage's fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -28,13 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.validation import CLASSES, Protocol, _config, _sample_unguided, prepare_data, train_judge
+from bench.validation import CLASSES, Protocol, _sample_unguided, cell_config, prepare_data, train_judge
 
 log = logging.getLogger(__name__)
 
 
 def curve(workdir: str, protocol: Protocol, steps: list[int], n_samples: int, seed: int = 7) -> dict[str, Any]:
-    """Return {step count: {probe_loss, fid, kid_mean, class_share_max, resumed_from, seconds}} and the extractor."""
+    """Return {step count: {probe_loss, final_loss, fid, kid_mean, class_share_min_max, resumed_from, seconds}},
+    the extractor's name, and the sample and pool sizes."""
     from histodiff.data import shards
     from histodiff.evaluate.quality import BackboneFeatures, fid_kid
     from histodiff.runner import run_stage
@@ -49,7 +51,10 @@ def curve(workdir: str, protocol: Protocol, steps: list[int], n_samples: int, se
     rows: dict[str, dict[str, Any]] = {}
     for n_steps in sorted(steps):
         t0 = time.time()
-        cfg = _config(data, protocol, None, 0, f"{data.root}/shared", (f"denoiser.steps={n_steps}",), data.root)
+        # The recipe's generator config at this step count (as a base override, not a variant: a variant would
+        # train a generator of its own in another folder instead of continuing this one).
+        at = dataclasses.replace(protocol, base_overrides=(*protocol.base_overrides, f"denoiser.steps={n_steps}"))
+        cfg = cell_config(data, at, None)
         init_ray(cfg)
         for stage in (autoencoder, encode):
             run_stage(stage, cfg)  # trained once; skipped by fingerprint at every later step count
