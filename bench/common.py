@@ -49,12 +49,13 @@ def step_flops(state: Any, z: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def plain_rate(cfg: Any, shape: list[int], device: torch.device) -> tuple[float, float]:
-    """Return (samples/s, FLOP/s) of the plain PyTorch denoiser loop over in-memory latents."""
+def plain_rate(cfg: Any, shape: list[int], device: torch.device,
+               wrap: Callable[[Any], Any] | None = None) -> tuple[float, float]:
+    """Return (samples/s, FLOP/s) of the plain PyTorch denoiser loop over in-memory latents (``wrap``: e.g. DDP)."""
     from histodiff.train import denoiser as tr
 
     b = cfg.denoiser.batch_size
-    state = tr.make_state(cfg.denoiser, shape, device, cfg.seed)
+    state = tr.make_state(cfg.denoiser, shape, device, cfg.seed, wrap=wrap)
     batches = tr.in_memory_batches(torch.randn(b * 4, *shape, device=device), b, cfg.seed)
     flops = step_flops(state, next(batches))
     seconds = timed(lambda: tr.train_step(state, [next(batches)]), device)

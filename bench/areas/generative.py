@@ -16,6 +16,11 @@ All figures come from one run on one machine, side by side:
   together, vs in one process. Two workers cannot scale better than two independent loops do,
   so ``two_vs_one_worker_ratio`` is read against this (on a VM whose two vCPUs share a physical
   core or a memory bus, it is well under 2).
+- ``two_ddp_processes_vs_one_ratio``: the ceiling once gradients are synchronised: the same two
+  plain loops as one DDP job over gloo (every gradient all-reduced each step, as between Ray Train
+  workers, but without Ray or Ray Data) vs one loop. The gap to the figure above is the all-reduce
+  (its time for every gradient at once is in the goal); the gap from here to
+  ``two_vs_one_worker_ratio`` is what Ray Train and Ray Data add.
 - ``multinode_two_node_vs_one_node_ratio``: the same 2 workers placed on two Ray nodes (a head and a
   worker node of ``ray.cluster_utils.Cluster``, STRICT_SPREAD) vs both on one node (STRICT_PACK), on
   the same machine and the same CPUs: the cost of crossing nodes (gradients and data between two
@@ -101,28 +106,52 @@ def ray_rate(cfg: Any, shape: list[int], workers: int, threads: int, stage: str,
     return float(got["rate"])
 
 
-def _plain_child(cfg_dict: dict, shape: list[int], barrier: Any, out: Any) -> None:
+def _plain_child(cfg_dict: dict, shape: list[int], barrier: Any, out: Any, rank: int, world: int, port: int) -> None:
     from histodiff.config import config_from_dict
 
     torch.set_num_threads(1)
+    cfg = config_from_dict(cfg_dict)
+    wrap, allreduce_ms = None, 0.0
+    if world > 1:  # plain DDP over gloo, as a Ray Train worker gets it (see histodiff.train.common.prepare_ddp)
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        wrap = lambda m: torch.nn.parallel.DistributedDataParallel(m, gradient_as_bucket_view=True)  # noqa: E731
     barrier.wait()  # both loops start together: each one's measured steps overlap the other's
-    out.put(plain_rate(config_from_dict(cfg_dict), shape, torch.device("cpu"))[0])
+    rate = plain_rate(cfg, shape, torch.device("cpu"), wrap=wrap)[0]
+    if world > 1:  # one all-reduce of every gradient at once, both processes otherwise idle
+        from histodiff.models import denoiser as dn
+
+        grads = torch.zeros(sum(p.numel() for p in dn.build_unet(cfg.denoiser, shape[0], shape[1]).parameters()))
+        allreduce_ms = 1000 * timed(lambda: dist.all_reduce(grads), torch.device("cpu"))
+        dist.destroy_process_group()
+    out.put((rate, allreduce_ms))
 
 
-def parallel_plain_rates(cfg: Any, shape: list[int], processes: int) -> float:
-    """Return the summed samples/s of ``processes`` plain 1-thread denoiser loops run at the same time."""
+def parallel_plain_rates(cfg: Any, shape: list[int], processes: int, ddp: bool = False) -> tuple[float, float]:
+    """Return (summed samples/s, ms per gradient all-reduce) of ``processes`` plain 1-thread denoiser loops at once.
+
+    ``ddp``: the processes are one DDP job over gloo (gradients all-reduced every step, as Ray Train's
+    workers do, without Ray or Ray Data); otherwise they are independent (all-reduce time 0).
+    """
     import multiprocessing as mp
+    import socket
 
+    with socket.socket() as s:  # a free port for the gloo rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = processes if ddp else 1
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(processes), ctx.Queue()
-    children = [ctx.Process(target=_plain_child, args=(cfg.public_dict(), shape, barrier, out))
-                for _ in range(processes)]
+    children = [ctx.Process(target=_plain_child,
+                            args=(cfg.public_dict(), shape, barrier, out, rank if ddp else 0, world, port))
+                for rank in range(processes)]
     for child in children:
         child.start()
-    rates = [out.get(timeout=600) for _ in children]
+    got = [out.get(timeout=600) for _ in children]
     for child in children:
         child.join()
-    return float(sum(rates))
+    return float(sum(rate for rate, _ in got)), max(ms for _, ms in got)
 
 
 def two_node_rates(root: str, preset: str = "tiny", rounds: int = 2) -> dict[str, float]:
@@ -224,6 +253,7 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: in
     import ray
 
     from histodiff.config import load_config
+    from histodiff.models import denoiser as dn
     from histodiff.runner import run_stage
     from histodiff.stages import pretrain
 
@@ -233,6 +263,7 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: in
     cfg = load_config(preset, base)
     shape = [3, 8, 8] if preset == "tiny" else [3, 64, 64]
     b = cfg.denoiser.batch_size
+    n_params = sum(p.numel() for p in dn.build_unet(cfg.denoiser, shape[0], shape[1]).parameters())
     n1 = b * (WARMUP + MEASURED + 2) * 2
     write_synthetic_latents(cfg.paths.latents, n1, tuple(shape))
     started = not ray.is_initialized()
@@ -246,10 +277,13 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: in
             matmul = max(matmul, matmul_flops(torch.device("cpu")))
             sps, flops = plain_rate(cfg, shape, torch.device("cpu"))
             plain_sps, plain_flops = max(plain_sps, sps), max(plain_flops, flops)
-        one_plain = two_plain = 0.0  # the machine's ceiling for 2 workers: alternated, best of each
+        one_plain = two_plain = two_ddp = 0.0  # the ceilings for 2 workers: alternated, best of each
+        allreduce_ms = float("inf")
         for _ in range(rounds):
-            one_plain = max(one_plain, parallel_plain_rates(cfg, shape, 1))
-            two_plain = max(two_plain, parallel_plain_rates(cfg, shape, 2))
+            one_plain = max(one_plain, parallel_plain_rates(cfg, shape, 1)[0])
+            two_plain = max(two_plain, parallel_plain_rates(cfg, shape, 2)[0])
+            rate, ms = parallel_plain_rates(cfg, shape, 2, ddp=True)
+            two_ddp, allreduce_ms = max(two_ddp, rate), min(allreduce_ms, ms)
         ray_one = ray_two = 0.0  # alternated, best of each: one round on 2 shared cores is noise (ratios 1.2 to 1.75)
         for r in range(rounds):
             ray_one = max(ray_one, ray_rate(cfg, shape, 1, 1, f"bench-1w-{r}"))
@@ -285,8 +319,15 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: in
             round(two_plain / one_plain, 3), "ratio",
             f"informational: this machine's ceiling for two_vs_one_worker_ratio (two plain 1-thread loops at once vs "
             f"one, no Ray; best of {rounds} alternated rounds each: {two_plain:.1f} vs {one_plain:.1f} samples/s)"),
+        "two_ddp_processes_vs_one_ratio": figure(
+            round(two_ddp / one_plain, 3), "ratio",
+            f"informational: the ceiling for two_vs_one_worker_ratio once gradients are all-reduced: two plain 1-thread "
+            f"loops as one DDP job over gloo (no Ray, no Ray Data) vs one loop; best of {rounds} alternated rounds each: "
+            f"{two_ddp:.1f} vs {one_plain:.1f} samples/s; one all-reduce of every gradient "
+            f"({n_params / 1e6:.2f} M fp32) takes {allreduce_ms:.1f} ms with both processes otherwise idle"),
         "denoiser_samples_per_s": figure({"plain_1thread": round(plain_sps, 1), "ray_1worker": round(ray_one, 1),
-                                          "ray_2workers": round(ray_two, 1)}, "samples/s", "informational"),
+                                          "ray_2workers": round(ray_two, 1), "plain_2processes": round(two_plain, 1),
+                                          "plain_ddp_2processes": round(two_ddp, 1)}, "samples/s", "informational"),
     }
     if two_node is not None:
         out["multinode_two_node_vs_one_node_ratio"] = figure(
