@@ -321,9 +321,9 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: in
             f"one, no Ray; best of {rounds} alternated rounds each: {two_plain:.1f} vs {one_plain:.1f} samples/s)"),
         "two_ddp_processes_vs_one_ratio": figure(
             round(two_ddp / one_plain, 3), "ratio",
-            f"informational: the ceiling for two_vs_one_worker_ratio once gradients are all-reduced: two plain 1-thread "
-            f"loops as one DDP job over gloo (no Ray, no Ray Data) vs one loop; best of {rounds} alternated rounds each: "
-            f"{two_ddp:.1f} vs {one_plain:.1f} samples/s; one all-reduce of every gradient "
+            f"informational: the ceiling for two_vs_one_worker_ratio once gradients are all-reduced: two plain "
+            f"1-thread loops as one DDP job over gloo (no Ray, no Ray Data) vs one loop; best of {rounds} alternated "
+            f"rounds each: {two_ddp:.1f} vs {one_plain:.1f} samples/s; one all-reduce of every gradient "
             f"({n_params / 1e6:.2f} M fp32) takes {allreduce_ms:.1f} ms with both processes otherwise idle"),
         "denoiser_samples_per_s": figure({"plain_1thread": round(plain_sps, 1), "ray_1worker": round(ray_one, 1),
                                           "ray_2workers": round(ray_two, 1), "plain_2processes": round(two_plain, 1),
