@@ -13,6 +13,15 @@ import torch
 WARMUP, MEASURED = 3, 12
 
 
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (for a gloo rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def sync(device: torch.device) -> None:
     """Wait for the work queued on a CUDA device (nothing to wait for on the CPU); return None."""
     if device.type == "cuda":

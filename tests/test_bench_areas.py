@@ -8,6 +8,7 @@ for shape: every entry passes ``bench.runner.check_entry`` and every number is f
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -77,3 +78,14 @@ def test_tracking_area_runs_tiny(tmp_path):
 
     _check(tracking.run(str(tmp_path)), {"tracking_log_ms_per_step", "tracking_buffered_ms_per_step",
                                          "tracking_dead_server_total_s"})
+
+
+def test_the_ddp_knobs_command_measures_every_variant_for_real(capsys):
+    """`python -m bench.ddp_knobs` at one step per variant: two real gloo processes, every variant timed."""
+    from bench import ddp_knobs
+
+    assert ddp_knobs.main(["--rounds", "1", "--steps", "1"]) == 0
+    table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(table) == set(ddp_knobs.VARIANTS) and all(ms > 0 for ms in table.values())
+    with pytest.raises(SystemExit):
+        ddp_knobs.main(["--rounds", "0"])

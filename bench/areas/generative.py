@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from bench.common import MEASURED, WARMUP, matmul_flops, plain_rate, timed
+from bench.common import MEASURED, WARMUP, free_port, matmul_flops, plain_rate, timed
 from bench.toys import write_synthetic_latents
 
 log = logging.getLogger(__name__)
@@ -135,11 +135,8 @@ def parallel_plain_rates(cfg: Any, shape: list[int], processes: int, ddp: bool =
     workers do, without Ray or Ray Data); otherwise they are independent (all-reduce time 0).
     """
     import multiprocessing as mp
-    import socket
 
-    with socket.socket() as s:  # a free port for the gloo rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     world = processes if ddp else 1
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(processes), ctx.Queue()
