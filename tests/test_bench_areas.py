@@ -69,6 +69,7 @@ def test_generative_area_runs_tiny(ray_local, tmp_path):
     figures = generative.run(str(tmp_path), two_node_rounds=1, rounds=1)  # the two-node layouts in a child process
     _check(figures, {"ray_train_overhead_ratio", "mfu_cpu", "rss_10x_over_1x", "two_vs_one_worker_ratio",
                      "two_plain_processes_vs_one_ratio", "two_ddp_processes_vs_one_ratio",
+                     "two_workers_in_memory_vs_one_ratio",
                      "denoiser_samples_per_s", "multinode_two_node_vs_one_node_ratio"})
     assert "best of 1 each" in figures["multinode_two_node_vs_one_node_ratio"]["goal"]
 

@@ -21,6 +21,8 @@ All figures come from one run on one machine, side by side:
   workers, but without Ray or Ray Data) vs one loop. The gap to the figure above is the all-reduce
   (its time for every gradient at once is in the goal); the gap from here to
   ``two_vs_one_worker_ratio`` is what Ray Train and Ray Data add.
+- ``two_workers_in_memory_vs_one_ratio``: 2 Ray Train workers training on latents in memory (no
+  Ray Data) vs the 1 streaming worker: splits that gap into Ray Train's part and Ray Data's.
 - ``multinode_two_node_vs_one_node_ratio``: the same 2 workers placed on two Ray nodes (a head and a
   worker node of ``ray.cluster_utils.Cluster``, STRICT_SPREAD) vs both on one node (STRICT_PACK), on
   the same machine and the same CPUs: the cost of crossing nodes (gradients and data between two
@@ -59,7 +61,12 @@ def _bench_loop(config: dict) -> None:
     cfg = config_from_dict(config["cfg"])
     device = device_for(cfg.ray.use_gpu)
     state = tr.make_state(cfg.denoiser, config["shape"], device, cfg.seed, wrap=common.prepare_ddp)
-    batches = tr._shard_batches(ray.train.get_dataset_shard("train"), cfg.denoiser.batch_size, device)
+    b = cfg.denoiser.batch_size
+    if config["in_memory"]:  # no Ray Data: the plain loop's batches, inside a Ray Train worker
+        rank = ray.train.get_context().get_world_rank()
+        batches = tr.in_memory_batches(torch.randn(b * 4, *config["shape"], device=device), b, cfg.seed + rank)
+    else:
+        batches = tr._shard_batches(ray.train.get_dataset_shard("train"), b, device)
     waits: list[float] = []
 
     def step() -> None:
@@ -78,8 +85,9 @@ def _bench_loop(config: dict) -> None:
 
 
 def ray_rate(cfg: Any, shape: list[int], workers: int, threads: int, stage: str,
-             placement: str | None = None) -> float:
-    """Return the samples/s of ``workers`` Ray Train workers streaming the cached latents (the pretrain path)."""
+             placement: str | None = None, in_memory: bool = False) -> float:
+    """Return the samples/s of ``workers`` Ray Train workers streaming the cached latents (the pretrain path);
+    ``in_memory``: the workers train on random latents in memory instead (Ray Train without Ray Data)."""
     from histodiff.data.encode import latent_dataset
     from histodiff.data.readers import read_spec, rows_per_pass
     from histodiff.runner import Context
@@ -94,11 +102,11 @@ def ray_rate(cfg: Any, shape: list[int], workers: int, threads: int, stage: str,
     store = Store(cfg.storage)
     out = os.path.join(cfg.paths.root, f"{stage}.rate")
     read = read_spec(cfg)
-    data = latent_dataset(cfg.paths.latents, store, read,
-                          rows_per_pass=rows_per_pass(read, cfg.denoiser.batch_size, workers))
+    data = None if in_memory else latent_dataset(cfg.paths.latents, store, read,
+                                                 rows_per_pass=rows_per_pass(read, cfg.denoiser.batch_size, workers))
     ctx = Context(store=store, ray=cfg.ray, name=cfg.name, checkpoints_uri=cfg.paths.checkpoints, stage=stage)
-    loop_config = {"cfg": cfg.public_dict(), "shape": shape, "threads": threads, "out": out}
-    common.build_trainer(ctx, _bench_loop, loop_config, stage, datasets={"train": data}).fit()
+    loop_config = {"cfg": cfg.public_dict(), "shape": shape, "threads": threads, "out": out, "in_memory": in_memory}
+    common.build_trainer(ctx, _bench_loop, loop_config, stage, datasets=None if data is None else {"train": data}).fit()
     with open(out) as f:
         got = json.load(f)
     log.info("%s: %.1f samples/s, %.0f ms per step of which %.0f ms waiting for data (rank 0)",
@@ -281,10 +289,11 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: in
             two_plain = max(two_plain, parallel_plain_rates(cfg, shape, 2)[0])
             rate, ms = parallel_plain_rates(cfg, shape, 2, ddp=True)
             two_ddp, allreduce_ms = max(two_ddp, rate), min(allreduce_ms, ms)
-        ray_one = ray_two = 0.0  # alternated, best of each: one round on 2 shared cores is noise (ratios 1.2 to 1.75)
+        ray_one = ray_two = two_no_data = 0.0  # alternated, best of each: one round on 2 shared cores is noise
         for r in range(rounds):
             ray_one = max(ray_one, ray_rate(cfg, shape, 1, 1, f"bench-1w-{r}"))
             ray_two = max(ray_two, ray_rate(cfg, shape, 2, 1, f"bench-2w-{r}"))
+            two_no_data = max(two_no_data, ray_rate(cfg, shape, 2, 1, f"bench-2w-mem-{r}", in_memory=True))
         rss = {}
         for factor in (1, 10):
             n = b * 4 * factor
@@ -322,8 +331,16 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: in
             f"1-thread loops as one DDP job over gloo (no Ray, no Ray Data) vs one loop; best of {rounds} alternated "
             f"rounds each: {two_ddp:.1f} vs {one_plain:.1f} samples/s; one all-reduce of every gradient "
             f"({n_params / 1e6:.2f} M fp32) takes {allreduce_ms:.1f} ms with both processes otherwise idle"),
+        "two_workers_in_memory_vs_one_ratio": figure(
+            round(two_no_data / ray_one, 3), "ratio",
+            f"informational: two_vs_one_worker_ratio without Ray Data: 2 Ray Train workers (DDP) on random latents in "
+            f"memory vs 1 worker streaming; best of {rounds} alternated rounds each: {two_no_data:.1f} vs "
+            f"{ray_one:.1f} samples/s (against two_ddp_processes_vs_one_ratio: what Ray Train adds; against "
+            f"two_vs_one_worker_ratio: what streaming through Ray Data costs on busy cores)"),
         "denoiser_samples_per_s": figure({"plain_1thread": round(plain_sps, 1), "ray_1worker": round(ray_one, 1),
-                                          "ray_2workers": round(ray_two, 1), "plain_2processes": round(two_plain, 1),
+                                          "ray_2workers": round(ray_two, 1),
+                                          "ray_2workers_in_memory": round(two_no_data, 1),
+                                          "plain_2processes": round(two_plain, 1),
                                           "plain_ddp_2processes": round(two_ddp, 1)}, "samples/s", "informational"),
     }
     if two_node is not None:
