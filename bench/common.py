@@ -13,6 +13,11 @@ import torch
 WARMUP, MEASURED = 3, 12
 
 
+def latent_shape(preset: str) -> list[int]:
+    """Return the denoiser's latent shape (C, H, W) for a preset's tiles: the benchmarks' synthetic latents."""
+    return [3, 8, 8] if preset == "tiny" else [3, 64, 64]
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago (for a gloo rendezvous)."""
     import socket

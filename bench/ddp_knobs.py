@@ -13,15 +13,16 @@ two processes, so each one meets the same machine; the table is the mean ms per 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
-import time
 from typing import Any
 
 import torch
 
-from bench.common import free_port
+from bench.common import free_port, latent_shape, timed
 
-# name -> (DistributedDataParallel keyword arguments beyond gradient_as_bucket_view, comm hook name)
+# name -> (DistributedDataParallel keyword arguments beyond histodiff's DDP_KWARGS, comm hook name)
 VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "default": ({}, None),
     "bucket_cap_mb=2": ({"bucket_cap_mb": 2}, None),
@@ -40,41 +41,36 @@ def _child(rank: int, port: int, preset: str, rounds: int, steps: int, out: Any)
 
     from histodiff.config import load_config
     from histodiff.train import denoiser as tr
+    from histodiff.train.common import DDP_KWARGS
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     cfg = load_config(preset)
-    shape = [3, 8, 8] if preset == "tiny" else [3, 64, 64]
+    shape = latent_shape(preset)
     states = {}
     for name, (kwargs, hook) in VARIANTS.items():
         states[name] = tr.make_state(cfg.denoiser, shape, torch.device("cpu"), cfg.seed, wrap=lambda m, kw=kwargs:
-                                     DistributedDataParallel(m, gradient_as_bucket_view=True, **kw))
+                                     DistributedDataParallel(m, **DDP_KWARGS, **kw))
         if hook:
             states[name].model.register_comm_hook(None, getattr(default_hooks, hook))
     b = cfg.denoiser.batch_size
     batches = tr.in_memory_batches(torch.randn(b * 4, *shape), b, cfg.seed + rank)
 
-    def block(name: str, n: int) -> list[float]:
-        state, times = states[name], []
-        for _ in range(n):
-            start = time.perf_counter()
-            if name.startswith("no_sync"):
-                with state.model.no_sync():
-                    tr.train_step(state, [next(batches)])
-            else:
-                tr.train_step(state, [next(batches)])
-            times.append(1000 * (time.perf_counter() - start))
-        return times
+    def step(name: str) -> None:
+        state = states[name]
+        with state.model.no_sync() if name.startswith("no_sync") else contextlib.nullcontext():
+            tr.train_step(state, [next(batches)])
 
+    ms: dict[str, float] = {name: 0.0 for name in states}
     for name in states:  # warm-up
-        block(name, 2)
-    times: dict[str, list[float]] = {name: [] for name in states}
-    for _ in range(rounds):
+        timed(functools.partial(step, name), torch.device("cpu"), warmup=0, measured=2)
+    for _ in range(rounds):  # equal blocks: the mean of the block means is the mean over every step
         for name in states:
             dist.barrier()
-            times[name] += block(name, steps)
+            seconds = timed(functools.partial(step, name), torch.device("cpu"), warmup=0, measured=steps)
+            ms[name] += 1000 * seconds / rounds
     dist.destroy_process_group()
-    out.put({name: sum(t) / len(t) for name, t in times.items()})
+    out.put(ms)
 
 
 def measure(preset: str = "tiny", rounds: int = 5, steps: int = 8) -> dict[str, float]:

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from bench.common import MEASURED, WARMUP, free_port, matmul_flops, plain_rate, timed
+from bench.common import MEASURED, WARMUP, free_port, latent_shape, matmul_flops, plain_rate, timed
 from bench.toys import write_synthetic_latents
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,13 @@ def _plain_child(cfg_dict: dict, shape: list[int], barrier: Any, out: Any, rank:
     torch.set_num_threads(1)
     cfg = config_from_dict(cfg_dict)
     wrap, allreduce_ms = None, 0.0
-    if world > 1:  # plain DDP over gloo, as a Ray Train worker gets it (see histodiff.train.common.prepare_ddp)
+    if world > 1:  # plain DDP over gloo, as a Ray Train worker gets it (histodiff.train.common.prepare_ddp)
         import torch.distributed as dist
 
+        from histodiff.train.common import DDP_KWARGS
+
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        wrap = lambda m: torch.nn.parallel.DistributedDataParallel(m, gradient_as_bucket_view=True)  # noqa: E731
+        wrap = lambda m: torch.nn.parallel.DistributedDataParallel(m, **DDP_KWARGS)  # noqa: E731
     barrier.wait()  # both loops start together: each one's measured steps overlap the other's
     rate = plain_rate(cfg, shape, torch.device("cpu"), wrap=wrap)[0]
     if world > 1:  # one all-reduce of every gradient at once, both processes otherwise idle
@@ -170,7 +172,7 @@ def two_node_rates(root: str, preset: str = "tiny", rounds: int = 2) -> dict[str
 
     from histodiff.config import load_config
 
-    shape = [3, 8, 8] if preset == "tiny" else [3, 64, 64]
+    shape = latent_shape(preset)
     batch = load_config(preset).denoiser.batch_size
     write_synthetic_latents(f"{root}/latents", batch * (WARMUP + MEASURED + 2) * 2, tuple(shape))
     best = {"one_node": 0.0, "two_nodes": 0.0}
@@ -266,7 +268,7 @@ def run(workdir: str, preset: str = "tiny", two_node_rounds: int = 2, rounds: in
     root = os.path.abspath(os.path.join(workdir, uuid.uuid4().hex[:8]))
     base = [f"paths.root={root}", "tracking.enabled=false", f"ray.use_gpu={str(gpu).lower()}", "ray.address=null"]
     cfg = load_config(preset, base)
-    shape = [3, 8, 8] if preset == "tiny" else [3, 64, 64]
+    shape = latent_shape(preset)
     b = cfg.denoiser.batch_size
     n_params = sum(p.numel() for p in dn.build_unet(cfg.denoiser, shape[0], shape[1]).parameters())
     n1 = b * (WARMUP + MEASURED + 2) * 2
