@@ -77,6 +77,9 @@ class Protocol:
     judge_backbone: str = "test_resnet"
     judge_steps: int = 1500
     pool_limit: int | None = None  # tests: keep this many pool tiles (a random subset), not 3,800
+    # The arms each cell trains beside the baseline (None: the augmented arm and every control). An ablation
+    # of a lever needs only ("augmented",): a third of a cell's downstream runs.
+    arms: tuple[str, ...] | None = None
 
     @property
     def variant(self) -> str:
@@ -345,8 +348,11 @@ def judged_precision(judge: Any, tiles: np.ndarray, target: np.ndarray) -> float
 def cell_key(protocol: Protocol, budget: int, draw: int) -> str:
     """Return the cache key of a cell: the protocol version, its settings and the recipe (so a changed recipe
     never reads a cell cached under the old one)."""
-    blob = json.dumps([VERSION, budget, draw, list(protocol.seeds), protocol.eval_steps, list(METHOD_RECIPE),
-                       list(protocol.overrides), list(protocol.base_overrides)])
+    parts = [VERSION, budget, draw, list(protocol.seeds), protocol.eval_steps, list(METHOD_RECIPE),
+             list(protocol.overrides), list(protocol.base_overrides)]
+    if protocol.arms is not None:  # only when set: the keys of cells with every arm stay what they were
+        parts.append(sorted(protocol.arms))
+    blob = json.dumps(parts)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -372,7 +378,7 @@ def run_validation(workdir: str, protocol: Protocol = Protocol()) -> dict[str, A
         for draw in range(protocol.draws):
             cell = finished_cell(data.root, protocol, budget, draw)
             if cell is None:
-                cell = run_cell(data, cell_config(data, protocol, budget, draw), judge, unguided)
+                cell = run_cell(data, cell_config(data, protocol, budget, draw), judge, unguided, protocol.arms)
                 cell.update(budget=budget, draw=draw, key=cell_key(protocol, budget, draw))
                 Store().write_json(_cell_path(data.root, protocol, budget, draw), cell)  # survives an interruption
             cells.append(cell)

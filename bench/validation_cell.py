@@ -83,8 +83,10 @@ def _pseudo_label_precision(cfg: HistodiffConfig, data: Any, store: Store) -> fl
         if labels else float("nan")
 
 
-def run_cell(data: Any, cfg: HistodiffConfig, judge: Any, unguided: np.ndarray) -> dict[str, Any]:
-    """Return one cell's outcomes (every arm x seed), its synthesis report and its guidance precision."""
+def run_cell(data: Any, cfg: HistodiffConfig, judge: Any, unguided: np.ndarray,
+             only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Return one cell's outcomes (every arm x seed, or the baseline and the arms in ``only``), its synthesis
+    report and its guidance precision."""
     from bench.validation import judged_precision
     from histodiff.augment.selection import load_selector
     from histodiff.data.splits import split_spec
@@ -115,6 +117,10 @@ def run_cell(data: Any, cfg: HistodiffConfig, judge: Any, unguided: np.ndarray) 
         "pseudo_label": controls.pseudo_label(pool_x, recipe, counts, k),
         "oracle": controls.random_per_class(pool_x, pool_y, counts, cfg.seed),
     }
+    if only is not None:
+        if unknown := sorted(set(only) - set(arms)):
+            raise ValueError(f"validation arms {unknown} unknown: choose from {sorted(arms)}")
+        arms = {name: arm for name, arm in arms.items() if name in only}
     outcomes, _ = evaluate_arms(splits, arms, recipe, list(cfg.evaluation.seeds),
                                 ray_runner(cfg.ray.cpus_per_worker, recipe.use_gpu))
     report = store.read_json(f"{cfg.paths.synthetic}/report.json")
