@@ -58,7 +58,8 @@ def merge_into(output: str, figures: dict[str, dict]) -> None:
 
 
 def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_work",
-                   quick: bool = False, overrides: tuple[str, ...] = ()) -> dict[str, dict]:
+                   quick: bool = False, overrides: tuple[str, ...] = (),
+                   subset: dict[str, tuple] | None = None) -> dict[str, dict]:
     """Run one area (or all), merge the figures into ``output``; return the figures just measured.
 
     ``quick`` runs the areas that have a development mode in it and writes their figures to
@@ -66,6 +67,8 @@ def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_
     ``overrides`` (``key.sub=value``, one area only, one whose ``run`` takes them) measure a variant
     of that area's recipe: its figures go to ``<workdir>/<area>-variant.json`` (or the quick file)
     with the overrides in each figure's ``measured``, never into ``output``.
+    ``subset`` (one area only, keyword arguments its ``run`` takes: validate's ``budgets`` and ``arms``) runs part
+    of the area's protocol: its figures go to the variant file too, never into ``output``.
     """
     names = areas()
     if only is not None:
@@ -73,11 +76,13 @@ def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_
             raise ValueError(f"unknown benchmark area {only!r}; choose one of {names}")
         names = [only]
     overrides = tuple(overrides)
-    if overrides:
+    subset = {k: tuple(v) for k, v in (subset or {}).items() if v}
+    options = {**({"overrides": overrides} if overrides else {}), **subset}
+    for option, value in options.items():
         if only is None:
-            raise ValueError(f"overrides {list(overrides)} need one benchmark area (for example `validate`)")
-        if "overrides" not in inspect.signature(importlib.import_module(f"bench.areas.{only}").run).parameters:
-            raise ValueError(f"benchmark area {only!r} takes no overrides (got {list(overrides)})")
+            raise ValueError(f"{option} {list(value)} need one benchmark area (for example `validate`)")
+        if option not in inspect.signature(importlib.import_module(f"bench.areas.{only}").run).parameters:
+            raise ValueError(f"benchmark area {only!r} takes no {option} (got {list(value)})")
     measured: dict[str, dict] = {}
     failed = []
     code = code_version()  # before any area runs: the code that runs, not what an edit meanwhile leaves
@@ -87,7 +92,7 @@ def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_
         log.info("benchmark area %s", name)
         try:
             area = importlib.import_module(f"bench.areas.{name}")
-            kwargs: dict[str, object] = {"overrides": overrides} if overrides else {}
+            kwargs: dict[str, object] = dict(options)
             if quick:
                 if "quick" not in inspect.signature(area.run).parameters:
                     log.info("benchmark area %s has no quick mode; skipped", name)
@@ -100,13 +105,15 @@ def run_benchmarks(output: str, only: str | None = None, workdir: str = "bench/_
                 value["measured"] = f"{value['measured']}, {code}"
                 if overrides:
                     value["measured"] = f"{value['measured']} (overrides: {' '.join(overrides)})"
+                for option, part in subset.items():
+                    value["measured"] = f"{value['measured']} ({option}: {' '.join(map(str, part))})"
         except Exception as exc:  # one broken area must not lose the others' figures
             log.error("benchmark area %s failed: %s", name, exc)
             failed.append(name)
             continue
         measured.update(figures)
         # After each area: an interrupted run keeps the finished areas.
-        side = "quick" if quick else "variant" if overrides else None
+        side = "quick" if quick else "variant" if options else None
         merge_into(os.path.join(workdir, f"{name}-{side}.json") if side else output, figures)
     if failed:
         raise RuntimeError(f"benchmark area(s) {failed} failed (see the log); the others were merged into {output}")

@@ -382,10 +382,12 @@ def run_validation(workdir: str, protocol: Protocol = Protocol()) -> dict[str, A
                 cell.update(budget=budget, draw=draw, key=cell_key(protocol, budget, draw))
                 Store().write_json(_cell_path(data.root, protocol, budget, draw), cell)  # survives an interruption
             cells.append(cell)
-    # A variant is also compared with the recipe's cells of the same draws, when they are finished in this workdir.
-    recipe = dataclasses.replace(protocol, overrides=())
+    # A variant is also compared with the recipe's cells of the same draws, when they are finished in this workdir
+    # (with every arm, or with the variant's arms).
+    recipes = [dataclasses.replace(protocol, overrides=(), arms=arms) for arms in (None, protocol.arms)]
     recipe_cells = [c for b in protocol.budgets for d in range(protocol.draws)
-                    if (c := finished_cell(data.root, recipe, b, d)) is not None] if protocol.variant else None
+                    if (c := next(filter(None, (finished_cell(data.root, r, b, d) for r in recipes)), None))
+                    ] if protocol.variant else None
     return figures(cells, protocol, precision_unguided, time.time() - t0, data.extra, recipe_cells)
 
 

@@ -211,6 +211,28 @@ def test_benchmark_overrides_measure_a_variant_beside_the_results(tmp_path, monk
     monkeypatch.setitem(sys.modules, "bench.areas.plain", plain)
     with pytest.raises(ValueError, match="'plain' takes no overrides"):
         runner.run_benchmarks(str(out), only="plain", workdir=str(work), overrides=("a.b=1",))
+    # Part of a protocol (validate's budgets and arms) is never a result either, and needs an area that takes it.
+    with pytest.raises(ValueError, match="'tmparea' takes no budgets"):
+        runner.run_benchmarks(str(out), only="tmparea", workdir=str(work), subset={"budgets": (2, 5)})
+    area.run = lambda workdir, budgets=(): seen.update(budgets=budgets) or {
+        "tmp_gain": {"value": 2.5, "unit": "points", "goal": "higher", "measured": "now"}}
+    measured = runner.run_benchmarks(str(out), only="tmparea", workdir=str(work), subset={"budgets": (2, 5)})
+    assert seen["budgets"] == (2, 5) and measured["tmp_gain"]["measured"].endswith(" (budgets: 2 5)")
+    assert json.loads(out.read_text())["tmp_gain"]["value"] == 0.0
+    assert json.loads((work / "tmparea-variant.json").read_text())["tmp_gain"]["value"] == 2.5
+
+
+def test_validate_subset_options_fail_with_one_clear_error_before_anything_starts(tmp_path, capsys):
+    from bench.areas import validate as validate_area
+
+    with pytest.raises(SystemExit):
+        main(["bench", "validate", "--budgets", "2,five"])
+    assert "argument --budgets: '2,five' is not a comma-separated list of whole numbers" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"validate arms \['augmnted'\] unknown: choose from"):
+        validate_area.run(str(tmp_path), arms=("augmnted",))
+    with pytest.raises(ValueError, match=r"validate budgets \[0\]"):
+        validate_area.run(str(tmp_path), budgets=(0, 5))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_validate_rejects_a_misspelled_override_before_it_starts_anything(tmp_path):

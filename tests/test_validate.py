@@ -193,7 +193,7 @@ def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path,
     results = work / "results.json"
     capsys.readouterr()
     assert main(["bench", "validate", "evaluation.synthetic_weighting=none", "--workdir", str(work),
-                 "--output", str(results)]) == 0
+                 "--output", str(results), "--budgets", "2", "--arms", "augmented"]) == 0
     # ... prints its table, which says how far its augmented arm moved from the recipe's (paired over the two
     # draws both ran), and writes its figures beside the results (never into them), naming the code and variant
     printed = capsys.readouterr().out
@@ -201,7 +201,9 @@ def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path,
     variant = json.loads((work / "validate-variant.json").read_text())
     assert variant["validate_curve"]["value"]["2"]["augmented"]["minus_recipe"]["draws"] == [0, 1]
     assert variant["validate_wall_s"]["measured"].endswith(
-        f", {code_version()} (overrides: evaluation.synthetic_weighting=none)")
+        f", {code_version()} (overrides: evaluation.synthetic_weighting=none) (budgets: 2) (arms: augmented)")
+    # an ablation trains the augmented arm alone beside the baseline: no control arm in its figures
+    assert [arm for arm in ARMS if arm in variant["validate_curve"]["value"]["2"]] == ["augmented"]
     assert not results.exists() and "minus_recipe" not in curve["augmented"]  # the recipe: nothing to compare with
     assert sorted(p.name for p in (tmp_path / weighting.variant / "cells").glob("*.json")) == ["b2-d0.json", "b2-d1.json"]
     assert not (tmp_path / weighting.variant / "b2").exists() and len(markers) >= 8

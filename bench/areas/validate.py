@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 from datetime import datetime, timezone
 
 from bench.validation import Protocol, run_validation
-from bench.validation_report import table_markdown
+from bench.validation_report import ARMS, table_markdown
 
 UNITS = {
     "validate_headline_budget": ("labels per class", "5% of the pool's labels: the label fraction of the paper's +6.4"),
@@ -35,13 +36,27 @@ def _machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} CPU cores" + (f", {gpu}" if gpu else ", no GPU")
 
 
-def run(workdir: str, quick: bool = False, overrides: tuple[str, ...] = ()) -> dict[str, dict]:
-    """Return the validation figures in the benchmark format (value, unit, goal, measured)."""
-    if overrides:  # a misspelled key fails here, before Ray starts or the generator trains
+def run(workdir: str, quick: bool = False, overrides: tuple[str, ...] = (), budgets: tuple[int, ...] = (),
+        arms: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Return the validation figures in the benchmark format (value, unit, goal, measured).
+
+    ``budgets`` runs only these labels-per-class budgets (the headline is the largest unless the protocol's is
+    among them); ``arms`` trains only these arms beside the baseline, an ablation's ``("augmented",)`` say."""
+    # Bad input fails here, before Ray starts or the generator trains.
+    if overrides:
         from histodiff.config import load_config
 
         load_config("tiny", list(overrides))
+    if bad := [b for b in budgets if b < 1]:
+        raise ValueError(f"validate budgets {bad}: a budget is a number of labels per class, at least 1")
+    if unknown := sorted(set(arms) - set(ARMS)):
+        raise ValueError(f"validate arms {unknown} unknown: choose from {list(ARMS)}")
     protocol = Protocol.quick(tuple(overrides)) if quick else Protocol(overrides=tuple(overrides))
+    if budgets:
+        headline = protocol.headline if protocol.headline in budgets else max(budgets)
+        protocol = dataclasses.replace(protocol, budgets=tuple(budgets), headline=headline)
+    if arms:
+        protocol = dataclasses.replace(protocol, arms=tuple(arms))
     figures = run_validation(os.path.join(workdir, "quick" if quick else "full"), protocol)
     print("test accuracy % (gain over the baseline in points [95% interval over label draws]):\n"
           + table_markdown(figures["validate_curve"]), flush=True)

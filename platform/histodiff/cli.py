@@ -169,7 +169,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "package", file=sys.stderr)
         return 2
     merged = runner.run_benchmarks(args.output, only=args.area, workdir=args.workdir, quick=args.quick,
-                                   overrides=tuple(args.overrides))
+                                   overrides=tuple(args.overrides),
+                                   subset={"budgets": args.budgets, "arms": args.arms})
     for key, value in merged.items():
         print(f"{key}: {value.get('value')} {value.get('unit', '')}")
     return 0
@@ -271,8 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="development mode where an area has one (validate: one "
                    "budget, 2 draws, about 10 min on 2 idle cores); figures go to <workdir>/<area>-quick.json, "
                    "never to --output")
+    p.add_argument("--budgets", type=_int_list, default=(), metavar="N,N",
+                   help="validate: only these labels-per-class budgets, for example 2,5; figures go to "
+                        "<workdir>/validate-variant.json, never to --output")
+    p.add_argument("--arms", type=lambda text: tuple(a for a in text.split(",") if a), default=(), metavar="ARM,ARM",
+                   help="validate: train only these arms beside the baseline (an ablation: augmented); figures go "
+                        "to <workdir>/validate-variant.json, never to --output")
     p.set_defaults(fn=cmd_bench)
     return parser
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """Return ``"2,5"`` as ``(2, 5)``; argparse turns the ValueError into one clear error."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
 
 
 def _sigterm(signum: int, frame: Any) -> None:
