@@ -5,12 +5,20 @@ Only torch at import time: the ``gpu`` area runs on machines without Ray or MLfl
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from typing import Any, Callable
 
 import torch
 
 WARMUP, MEASURED = 3, 12
+
+
+def machine() -> str:
+    """Return what a figure was measured on: the architecture, the CPU count and the GPU (or "no GPU")."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return f"{platform.machine()} {os.cpu_count()} CPU cores" + (f", {gpu}" if gpu else ", no GPU")
 
 
 def latent_shape(preset: str) -> list[int]:

@@ -204,6 +204,19 @@ def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path,
         f", {code_version()} (overrides: evaluation.synthetic_weighting=none) (budgets: 2) (arms: augmented)")
     # an ablation trains the augmented arm alone beside the baseline: no control arm in its figures
     assert [arm for arm in ARMS if arm in variant["validate_curve"]["value"]["2"]] == ["augmented"]
+    # The ablation table is rebuilt from the finished cells of the recipe and of that ablation: nothing redone.
+    from bench import validation_ablations
+
+    cells_now = sorted(tmp_path.glob("**/cells/*.json"))
+    stamps = [c.stat().st_mtime for c in cells_now]
+    assert validation_ablations.main(["evaluation.synthetic_weighting=none", "--workdir", str(tmp_path),
+                                      "--budgets", "2", "--output", str(results)], protocol=SMOKE) == 0
+    assert sorted(tmp_path.glob("**/cells/*.json")) == cells_now and [c.stat().st_mtime for c in cells_now] == stamps
+    rows = json.loads(results.read_text())["validate_ablations"]["value"]["2"]
+    assert sorted(rows) == ["evaluation.synthetic_weighting=none", "the recipe"]  # the JSON sorts its keys
+    assert rows["evaluation.synthetic_weighting=none"]["minus_recipe_draws"] == [0, 1]
+    assert "| evaluation.synthetic_weighting=none | " in capsys.readouterr().out
+    results.unlink()
     assert not results.exists() and "minus_recipe" not in curve["augmented"]  # the recipe: nothing to compare with
     assert sorted(p.name for p in (tmp_path / weighting.variant / "cells").glob("*.json")) == ["b2-d0.json", "b2-d1.json"]
     assert not (tmp_path / weighting.variant / "b2").exists() and len(markers) >= 8

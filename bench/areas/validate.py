@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 from datetime import datetime, timezone
 
+from bench.common import machine
 from bench.validation import Protocol, run_validation
 from bench.validation_report import ARMS, table_markdown
 
@@ -24,16 +24,6 @@ UNITS = {
     "validate_wall_s": ("s", "<= 3600 on 2 CPU cores: the whole protocol from an empty workdir, one run"),
     "validate_generator": ("mixed", "the shared generator's training figures (steps, losses, psnr)"),
 }
-
-
-def _machine() -> str:
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:
-        gpu = None
-    return f"{platform.machine()} {os.cpu_count()} CPU cores" + (f", {gpu}" if gpu else ", no GPU")
 
 
 def run(workdir: str, quick: bool = False, overrides: tuple[str, ...] = (), budgets: tuple[int, ...] = (),
@@ -60,6 +50,6 @@ def run(workdir: str, quick: bool = False, overrides: tuple[str, ...] = (), budg
     figures = run_validation(os.path.join(workdir, "quick" if quick else "full"), protocol)
     print("test accuracy % (gain over the baseline in points [95% interval over label draws]):\n"
           + table_markdown(figures["validate_curve"]), flush=True)
-    stamp = f"{datetime.now(timezone.utc):%Y-%m-%d} {_machine()}" + (" (QUICK mode: not a result)" if quick else "")
+    stamp = f"{datetime.now(timezone.utc):%Y-%m-%d} {machine()}" + (" (QUICK mode: not a result)" if quick else "")
     return {key: {"value": figures[key], "unit": unit, "goal": goal, "measured": stamp}
             for key, (unit, goal) in UNITS.items()}
