@@ -384,10 +384,9 @@ def run_validation(workdir: str, protocol: Protocol = Protocol()) -> dict[str, A
             cells.append(cell)
     # A variant is also compared with the recipe's cells of the same draws, when they are finished in this workdir
     # (with every arm, or with the variant's arms).
-    recipes = [dataclasses.replace(protocol, overrides=(), arms=arms) for arms in (None, protocol.arms)]
+    recipe = dataclasses.replace(protocol, overrides=())
     recipe_cells = [c for b in protocol.budgets for d in range(protocol.draws)
-                    if (c := next(filter(None, (finished_cell(data.root, r, b, d) for r in recipes)), None))
-                    ] if protocol.variant else None
+                    if (c := finished_cell(data.root, recipe, b, d))] if protocol.variant else None
     return figures(cells, protocol, precision_unguided, time.time() - t0, data.extra, recipe_cells)
 
 
@@ -396,7 +395,9 @@ def _cell_path(root: str, protocol: Protocol, budget: int, draw: int) -> str:
 
 
 def finished_cell(root: str, protocol: Protocol, budget: int, draw: int) -> dict | None:
-    """Return the cell of ``protocol`` at (budget, draw) finished earlier in the workdir ``root``, or None."""
+    """Return the cell of ``protocol`` at (budget, draw) finished earlier in the workdir ``root``, or None.
+    A protocol with ``arms`` also takes the cell with every arm (it holds the arms asked for)."""
     store, path = Store(), _cell_path(root, protocol, budget, draw)
     cell = store.read_json(path) if store.exists(path) else None
-    return cell if cell is not None and cell.get("key") == cell_key(protocol, budget, draw) else None
+    keys = {cell_key(protocol, budget, draw), cell_key(dataclasses.replace(protocol, arms=None), budget, draw)}
+    return cell if cell is not None and cell.get("key") in keys else None

@@ -2,9 +2,10 @@
 
 Issue 15 asks for an ablation row per lever. Each variant (one or more ``KEY=VALUE`` overrides of the
 recipe, quoted as one argument) runs as a variant of the validation protocol in the workdir of a
-finished ``histodiff bench validate`` (its generator, judge, label draws and seeds), training only the
-augmented arm beside the baseline (``Protocol.arms``): a variant of the downstream evaluation reads the
-recipe's per-cell stages, a variant of the synthesis trains its own. Each row: the augmented gain with
+``histodiff bench validate`` (its generator, judge, label draws and seeds; an empty workdir trains them),
+training only the augmented arm beside the baseline (``Protocol.arms``; the recipe's row too, where its cells
+are not finished): a variant of the downstream evaluation reads the recipe's per-cell stages, a variant of the
+synthesis trains its own. Each row: the augmented gain with
 its 95% interval over draws, the variant minus the recipe paired by draw and seed, what the selector
 accepted and how often the judge calls a tile its target before and after selection. A rerun reads the
 finished cells (nothing is trained again), so the key can be rebuilt from the workdir at no cost.
@@ -49,15 +50,16 @@ def _row(budget: dict[str, Any], seconds: float | None = None) -> dict[str, Any]
 
 
 def ablations(workdir: str, protocol: Protocol, variants: list[tuple[str, ...]]) -> dict[str, dict[str, Any]]:
-    """Return {budget: {"the recipe": row, variant: row}}: the recipe's rows from its finished cells (every arm),
-    each variant's from a run of the augmented arm alone (cells it finished earlier are read, not redone)."""
+    """Return {budget: {"the recipe": row, variant: row}}: every row from a run of the augmented arm alone beside
+    the baseline (cells finished earlier, the recipe's with every arm included, are read, not redone)."""
+    protocol = dataclasses.replace(protocol, arms=("augmented",))
+    t0 = time.time()
     recipe = run_validation(workdir, protocol)["validate_curve"]
-    table = {b: {"the recipe": _row(f)} for b, f in recipe.items()}
+    table = {b: {"the recipe": _row(f, time.time() - t0)} for b, f in recipe.items()}
     for overrides in variants:
         t0 = time.time()
         log.info("validation ablation: %s", " ".join(overrides))
-        curve = run_validation(workdir, dataclasses.replace(protocol, overrides=overrides,
-                                                            arms=("augmented",)))["validate_curve"]
+        curve = run_validation(workdir, dataclasses.replace(protocol, overrides=overrides))["validate_curve"]
         for b, f in curve.items():
             table.setdefault(b, {})[" ".join(overrides)] = _row(f, time.time() - t0)
     return table
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None, protocol: Protocol | None = None) -> int
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("variants", nargs="+", metavar="'KEY=VALUE [KEY=VALUE ...]'",
                    help="one variant of the recipe per argument (quote several overrides as one)")
-    p.add_argument("--workdir", default="bench/_work/validate/full", help="a finished `histodiff bench validate`")
+    p.add_argument("--workdir", default="bench/_work/validate/full", help="the workdir of `histodiff bench validate` (or empty)")
     p.add_argument("--budgets", default=",".join(map(str, protocol.budgets)), help="labels per class, comma-separated")
     p.add_argument("--output", default="bench/results.json")
     args = p.parse_args(argv)

@@ -67,6 +67,21 @@ def test_a_variant_never_overwrites_the_recipes_cells_or_another_variants(tmp_pa
     assert cell.paths.root == f"{mine}/b2/d0" and validate.cell_config(data, recipe, None).denoiser.steps != 900
 
 
+def test_a_run_of_some_arms_reads_a_cell_with_every_arm_but_not_the_other_way(tmp_path):
+    from histodiff.storage import Store
+
+    every, some = validate.Protocol(), validate.Protocol(arms=("augmented",))
+    path = str(tmp_path / "cells" / "b2-d0.json")
+    Store().write_json(path, {"key": validate.cell_key(every, 2, 0), "outcomes": []})
+    assert validate.finished_cell(str(tmp_path), some, 2, 0)["key"] == validate.cell_key(every, 2, 0)
+    assert validate.finished_cell(str(tmp_path), every, 2, 0) is not None
+    Store().write_json(path, {"key": validate.cell_key(some, 2, 0), "outcomes": []})
+    assert validate.finished_cell(str(tmp_path), some, 2, 0) is not None
+    assert validate.finished_cell(str(tmp_path), every, 2, 0) is None  # the controls were never trained
+    stale = validate.Protocol(arms=("augmented",), seeds=(0,))
+    assert validate.finished_cell(str(tmp_path), stale, 2, 0) is None
+
+
 def _cell(draw: int, gains: dict[str, list[float]], nothing: bool = False) -> dict:
     base = [0.80, 0.82]
     outcomes = [{"arm": "baseline", "seed": s, "test": {"accuracy": a}} for s, a in enumerate(base)]
