@@ -81,6 +81,11 @@ class Protocol:
     # of a lever needs only ("augmented",): a third of a cell's downstream runs.
     arms: tuple[str, ...] | None = None
 
+    def at_budgets(self, budgets: tuple[int, ...]) -> "Protocol":
+        """Return this protocol at ``budgets`` only: its headline if among them, else the largest."""
+        return dataclasses.replace(self, budgets=tuple(budgets),
+                                   headline=self.headline if self.headline in budgets else max(budgets))
+
     @property
     def variant(self) -> str:
         """Return where a variant's cells live under the workdir: ``""`` for the recipe itself, else

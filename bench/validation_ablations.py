@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None, protocol: Protocol | None = None) -> int
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("variants", nargs="+", metavar="'KEY=VALUE [KEY=VALUE ...]'",
                    help="one variant of the recipe per argument (quote several overrides as one)")
-    p.add_argument("--workdir", default="bench/_work/validate/full", help="the workdir of `histodiff bench validate` (or empty)")
+    p.add_argument("--workdir", default="bench/_work/validate/full",
+                   help="the workdir of `histodiff bench validate` (or empty)")
     p.add_argument("--budgets", default=",".join(map(str, protocol.budgets)), help="labels per class, comma-separated")
     p.add_argument("--output", default="bench/results.json")
     args = p.parse_args(argv)
@@ -105,9 +106,7 @@ def main(argv: list[str] | None = None, protocol: Protocol | None = None) -> int
         load_config("tiny", list(overrides))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     code = code_version()
-    headline = protocol.headline if protocol.headline in budgets else max(budgets)
-    rows = ablations(os.path.abspath(args.workdir), dataclasses.replace(protocol, budgets=budgets,
-                                                                          headline=headline), variants)
+    rows = ablations(os.path.abspath(args.workdir), protocol.at_budgets(budgets), variants)
     print(table_markdown(rows))
     stamp = f"{datetime.now(timezone.utc):%Y-%m-%d} {machine()}, {code}"
     merge_into(args.output, {"validate_ablations": {

@@ -43,8 +43,7 @@ def run(workdir: str, quick: bool = False, overrides: tuple[str, ...] = (), budg
         raise ValueError(f"validate arms {unknown} unknown: choose from {list(ARMS)}")
     protocol = Protocol.quick(tuple(overrides)) if quick else Protocol(overrides=tuple(overrides))
     if budgets:
-        headline = protocol.headline if protocol.headline in budgets else max(budgets)
-        protocol = dataclasses.replace(protocol, budgets=tuple(budgets), headline=headline)
+        protocol = protocol.at_budgets(budgets)
     if arms:
         protocol = dataclasses.replace(protocol, arms=tuple(arms))
     figures = run_validation(os.path.join(workdir, "quick" if quick else "full"), protocol)
