@@ -124,7 +124,7 @@ def test_sweep_survives_a_failing_trial_nests_runs_and_resumes(ray_local, mlflow
     failed = [t for t in result.trials if t["status"] == "ERROR"]
     assert failed[0]["threshold"] == 0.8 and "on purpose" in failed[0]["error"]
     assert {t["key"]: t["val_gain"] for t in result.trials if t["status"] == "OK"} == {
-        "s2_t0.5_f0.5": -0.01, "s2_t0.9_f0.5": 0.02, "no-synthetic": 0.0}
+        "s2_t0.5_f0.5_a0.5": -0.01, "s2_t0.9_f0.5_a0.5": 0.02, "no-synthetic": 0.0}  # tiny: anchored, strength 0.5
 
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
