@@ -177,3 +177,34 @@ def test_table_columns_stay_aligned_for_long_control_names():
     summary = {"baseline": metrics, "augmented": metrics, "unguided_selected": metrics, "duplicated_real": metrics}
     rows = downstream.format_table(summary, {}, 2).splitlines()[2:]
     assert len(rows) == 4 and len({row.index("90.0") for row in rows}) == 1  # every arm's first figure in one column
+
+
+def test_confidence_weighting_reads_each_tiles_selector_score_and_a_zero_weight_teaches_nothing(tmp_path):
+    """evaluation.synthetic_weighting=confidence: each accepted tile's loss weight is its selector score from the
+    synthesis lineage (by tile id); a row of weight 0 leaves the step exactly as if it were not in the batch."""
+    import copy
+
+    import pyarrow as pa
+
+    from histodiff.data import shards
+    from histodiff.train.backbone import train_step
+
+    splits = make_splits()
+    uri = str(tmp_path / "synthetic" / "accepted")
+    _write_shards(uri, splits.train_x[:4], [CLASSES[i] for i in splits.train_y[:4]])
+    lineage = pa.table({"tile_id": [f"synthetic-{i}" for i in (3, 9, 0, 2, 1)],  # rejected tile 9 too, any order
+                        "selector_score": [0.25, 0.1, 0.9, 0.5, 0.75]})
+    shards.write_table(lineage, str(tmp_path / "synthetic" / "lineage.parquet"), Store())
+    weighted = downstream.load_synthetic(uri, Store(), CLASSES, "confidence")
+    np.testing.assert_allclose(weighted.weight, [0.9, 0.75, 0.5, 0.25])
+    assert downstream.load_synthetic(uri, Store(), CLASSES, "none").weight is None
+    np.testing.assert_array_equal(weighted.y, splits.train_y[:4])
+
+    torch.manual_seed(0)  # no BatchNorm: rows are independent, so "not in the batch" is well defined
+    a = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2))
+    b = copy.deepcopy(a)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 1, 0])
+    train_step(a, torch.optim.SGD(a.parameters(), lr=0.1), x, y, torch.tensor([0.9, 0.5, 0.0, 0.0]))
+    train_step(b, torch.optim.SGD(b.parameters(), lr=0.1), x[:2], y[:2], torch.tensor([0.9, 0.5]))
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
