@@ -136,6 +136,8 @@ def test_run_on_ray_writes_table_logs_gain_and_skips_rerun(ray_local, tmp_path):
                                "evaluation.image_size=16", "evaluation.backbone=test_resnet", "evaluation.seeds=[0,1]", "evaluation.batch_size=8",
                                "evaluation.memorisation_pairs=2", "evaluation.synthetic_fraction=0.25",
                                "evaluation.controls=[unfiltered,duplicated_real,classical_aug]",
+                               # stand-in synthetic tiles have no synthesis lineage to read selector scores from
+                               "evaluation.synthetic_weighting=none",
                                "data.labels_per_class=4", "data.val_fraction=0.34"])
     result = run_stage(evaluate, cfg)
     assert len(result.outcomes) == 2 * 5 and not result.skipped
@@ -192,6 +194,8 @@ def test_confidence_weighting_reads_each_tiles_selector_score_and_a_zero_weight_
     splits = make_splits()
     uri = str(tmp_path / "synthetic" / "accepted")
     _write_shards(uri, splits.train_x[:4], [CLASSES[i] for i in splits.train_y[:4]])
+    with pytest.raises(FileNotFoundError, match="no synthesis lineage at .*synthetic_weighting=none"):
+        downstream.load_synthetic(uri, Store(), CLASSES, "confidence")
     lineage = pa.table({"tile_id": [f"synthetic-{i}" for i in (3, 9, 0, 2, 1)],  # rejected tile 9 too, any order
                         "selector_score": [0.25, 0.1, 0.9, 0.5, 0.75]})
     shards.write_table(lineage, str(tmp_path / "synthetic" / "lineage.parquet"), Store())

@@ -69,7 +69,8 @@ def ui_store(ray_local, builtin_data, tmp_path):
         f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "autoencoder.steps=4", "autoencoder.checkpoint_every=4",
         "autoencoder.batch_size=8", "evaluation.epochs=1", "evaluation.steps=3", "evaluation.image_size=16",
         "evaluation.backbone=test_resnet", "evaluation.seeds=[0]", "evaluation.batch_size=8",
-        "evaluation.memorisation_pairs=2", "evaluation.controls=[]"])
+        "evaluation.memorisation_pairs=2", "evaluation.controls=[]",
+        "evaluation.synthetic_weighting=none"])  # the stand-in tiles have no synthesis lineage
     return cfg, run_pipeline(cfg, ["ingest", "autoencoder", "evaluate"])
 
 

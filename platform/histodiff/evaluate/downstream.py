@@ -280,8 +280,12 @@ def load_synthetic(uri: str, store: Any, classes: list[str], weighting: str = "n
     ids = np.array([classes.index(c) for c in labels], dtype=np.int64)
     weight = None
     if weighting == "confidence":
-        lineage = store.read_parquet(posixpath.join(posixpath.dirname(uri.rstrip("/")), "lineage.parquet"),
-                                     ["tile_id", "selector_score"])
+        lineage_uri = posixpath.join(posixpath.dirname(uri.rstrip("/")), "lineage.parquet")
+        if not store.exists(lineage_uri):  # tiles the synthesize stage did not write
+            raise FileNotFoundError(f"no synthesis lineage at {lineage_uri!r}: evaluation.synthetic_weighting="
+                                    "confidence weights each synthetic tile by its selector score from it; run "
+                                    "`histodiff run synthesize` or set evaluation.synthetic_weighting=none")
+        lineage = store.read_parquet(lineage_uri, ["tile_id", "selector_score"])
         score = dict(zip(lineage.column("tile_id").to_pylist(), lineage.column("selector_score").to_pylist()))
         weight = np.array([score[t] for t in table.column("source").to_pylist()], np.float32)
     return Extra(tiles, ids, weight)
