@@ -41,6 +41,16 @@ def _over_draws(per_draw: list[list[float]]) -> dict[str, Any]:
             "gain_per_draw": [float(np.mean(d)) for d in per_draw], "p_value": t_test_p(gain.per_seed)}
 
 
+def arm_figures(cells: list[dict], arm: str) -> dict[str, Any] | None:
+    """Return one arm's accuracy and gain over the baseline with its interval over the cells (one per draw), or
+    None when a cell lacks the arm."""
+    per_draw = [list(_gains(c["outcomes"], arm).values()) for c in cells]
+    if any(not d for d in per_draw):
+        return None
+    accs = [_acc(c["outcomes"], arm) for c in cells]
+    return {"acc": float(np.mean([v for a in accs for v in a.values()])), **_over_draws(per_draw)}
+
+
 def budget_figures(cells: list[dict]) -> dict[str, Any]:
     """Return one budget's figures from its cells (one per label draw)."""
     out: dict[str, Any] = {"label_draws": len(cells), "seeds": len(_acc(cells[0]["outcomes"], "baseline")),
@@ -48,11 +58,8 @@ def budget_figures(cells: list[dict]) -> dict[str, Any]:
     base = [_acc(c["outcomes"], "baseline") for c in cells]
     out["baseline_acc"] = float(np.mean([v for b in base for v in b.values()]))
     for arm in ARMS:
-        per_draw = [list(_gains(c["outcomes"], arm).values()) for c in cells]
-        if any(not d for d in per_draw):
-            continue
-        accs = [_acc(c["outcomes"], arm) for c in cells]
-        out[arm] = {"acc": float(np.mean([v for a in accs for v in a.values()])), **_over_draws(per_draw)}
+        if (got := arm_figures(cells, arm)) is not None:
+            out[arm] = got
     reports = [c["synthesis"] for c in cells]
     out["selectivity"] = float(np.mean([r["selectivity"] for rep in reports for r in rep.values()]))
     out["accepted_per_class"] = float(np.mean([r["accepted"] for rep in reports for r in rep.values()]))

@@ -74,19 +74,23 @@ def most_confident(probs: torch.Tensor, counts: np.ndarray) -> tuple[np.ndarray,
     return idx.numpy(), label[idx].numpy().astype(np.int64)
 
 
+def baseline_proba(recipe: Recipe, num_classes: int, baseline_state: dict, tiles: np.ndarray) -> torch.Tensor:
+    """Return the class probabilities a seed's baseline (its weights ``baseline_state``) gives ``tiles``."""
+    from histodiff.models.backbone import create_backbone
+    from histodiff.runtime import device_for
+    from histodiff.train.backbone import predict_proba
+
+    device = device_for(recipe.use_gpu)
+    model = create_backbone(recipe.backbone, num_classes, recipe.image_size)
+    model.load_state_dict(baseline_state)
+    return predict_proba(model.to(device), _tensors(tiles), recipe.image_size, device=device)
+
+
 def pseudo_label(pool_x: np.ndarray, recipe: Recipe, counts: np.ndarray,
                  num_classes: int) -> Callable[[int, dict], Extra]:
     """Return the arm builder: each seed's baseline labels the pool; the most confident per class are kept."""
     def build(seed: int, baseline_state: dict) -> Extra:
-        from histodiff.models.backbone import create_backbone
-        from histodiff.runtime import device_for
-        from histodiff.train.backbone import predict_proba
-
-        device = device_for(recipe.use_gpu)
-        model = create_backbone(recipe.backbone, num_classes, recipe.image_size)
-        model.load_state_dict(baseline_state)
-        probs = predict_proba(model.to(device), _tensors(pool_x), recipe.image_size, device=device)
-        idx, labels = most_confident(probs, counts)
+        idx, labels = most_confident(baseline_proba(recipe, num_classes, baseline_state, pool_x), counts)
         return Extra(pool_x[idx], labels)
 
     return build
