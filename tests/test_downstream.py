@@ -189,16 +189,23 @@ def test_confidence_weighting_reads_each_tiles_selector_score_and_a_zero_weight_
     import pyarrow as pa
 
     from histodiff.data import shards
+    from histodiff.stages.synthesize import LINEAGE, write_tile_set
     from histodiff.train.backbone import train_step
 
     splits = make_splits()
     uri = str(tmp_path / "synthetic" / "accepted")
-    _write_shards(uri, splits.train_x[:4], [CLASSES[i] for i in splits.train_y[:4]])
+    labels = [CLASSES[i] for i in splits.train_y[:4]]
+    _write_shards(uri, splits.train_x[:4], labels)  # tiles the synthesize stage did not write: no lineage named
     with pytest.raises(FileNotFoundError, match="no synthesis lineage at .*synthetic_weighting=none"):
+        downstream.load_synthetic(uri, Store(), CLASSES, "confidence")
+    # The synthesize stage's writer names the lineage (a sibling of the tile set) in the set's manifest.
+    write_tile_set(uri, Store(), list(splits.train_x[:4]), labels, [f"synthetic-{i}" for i in range(4)], 8, {},
+                   {"lineage": LINEAGE})
+    with pytest.raises(FileNotFoundError, match="no synthesis lineage at .*lineage.parquet"):  # named, not written
         downstream.load_synthetic(uri, Store(), CLASSES, "confidence")
     lineage = pa.table({"tile_id": [f"synthetic-{i}" for i in (3, 9, 0, 2, 1)],  # rejected tile 9 too, any order
                         "selector_score": [0.25, 0.1, 0.9, 0.5, 0.75]})
-    shards.write_table(lineage, str(tmp_path / "synthetic" / "lineage.parquet"), Store())
+    shards.write_table(lineage, str(tmp_path / "synthetic" / LINEAGE), Store())
     weighted = downstream.load_synthetic(uri, Store(), CLASSES, "confidence")
     np.testing.assert_allclose(weighted.weight, [0.9, 0.75, 0.5, 0.25])
     assert downstream.load_synthetic(uri, Store(), CLASSES, "none").weight is None

@@ -156,6 +156,31 @@ def test_a_cached_input_is_reused_only_with_the_same_key(tmp_path):
     assert len(calls) == 2
 
 
+def test_a_tile_teaches_only_when_its_label_is_right_and_the_baseline_does_not_already_predict_it():
+    from bench.validation_diagnosis import teaching_stats
+
+    labels, truth = np.array([0, 1, 2, 0]), np.array([0, 1, 0, 0])
+    baseline = np.eye(3)[[0, 2, 2, 1]]  # the baseline's calls: 0 (agrees), 2, 2 (agrees with a wrong label), 1
+    stats = teaching_stats(labels, truth, baseline, num_classes=3)
+    assert stats == {"right": 0.75, "agree": 0.5, "teach": 0.5, "teach_per_class": pytest.approx(2 / 3)}
+    assert teaching_stats(labels[:0], truth[:0], baseline[:0], 3)["teach_per_class"] == 0.0
+
+
+def test_oracle_confident_keeps_per_true_class_the_tiles_the_baseline_is_surest_of(monkeypatch):
+    from bench.validation_diagnosis import oracle_confident
+    from histodiff.evaluate import controls
+
+    pool_x = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1)
+    pool_y = np.array([0, 0, 0, 1, 1, 1])
+    # tile 1 is the baseline's surest 1 after tile 5, but its true class is 0: it never joins class 1
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.5, 0.5], [0.1, 0.9]])
+    seen = []
+    monkeypatch.setattr(controls, "baseline_proba", lambda recipe, k, state, tiles: seen.append(state) or probs)
+    extra = oracle_confident(pool_x, pool_y, None, np.array([2, 1]), 2)(0, {"seed": 0})
+    assert extra.x[:, 0, 0, 0].tolist() == [0, 2, 5] and extra.y.tolist() == [0, 0, 1]
+    assert seen == [{"seed": 0}]  # each seed's own baseline
+
+
 SMOKE = validate.Protocol(
     budgets=(2,), headline=2, draws=2, seeds=(0,), eval_steps=4, val_per_class=3, test_per_class=3, judge_steps=5, pool_limit=400,
     base_overrides=("autoencoder.steps=4", "autoencoder.checkpoint_every=4", "denoiser.steps=4",
@@ -231,6 +256,27 @@ def test_the_protocol_runs_every_arm_of_every_draw_for_real(ray_local, tmp_path,
     assert sorted(rows) == ["evaluation.synthetic_weighting=none", "the recipe"]  # the JSON sorts its keys
     assert rows["evaluation.synthetic_weighting=none"]["minus_recipe_draws"] == [0, 1]
     assert "| evaluation.synthetic_weighting=none | " in capsys.readouterr().out
+    # Why an arm gains what it gains (issue 15): the recipe's finished per-cell stages are read, the baseline and
+    # four arms train, and each arm's extra tiles are measured against each seed's own baseline.
+    from bench import validation_diagnosis
+
+    assert validation_diagnosis.main(["--workdir", str(tmp_path), "--budgets", "2", "--output", str(results)],
+                                     protocol=SMOKE) == 0
+    assert [m.stat().st_mtime for m in markers] == marker_stamps  # no per-cell stage trained again
+    diagnosis = json.loads(results.read_text())["validate_diagnosis"]["value"]["2"]
+    assert diagnosis["draws"] == 2 and diagnosis["seeds"] == 1
+    for arm in validation_diagnosis.ARMS:
+        a = diagnosis[arm]
+        assert a["gain"][1] <= a["gain"][0] <= a["gain"][2] and a["teach"] <= a["right"], arm
+    # the true labels of pool tiles are read from the pool, not judged
+    assert diagnosis["oracle"]["right"] == diagnosis["oracle_confident"]["right"] == 1.0
+    assert "| oracle_confident | " in capsys.readouterr().out
+    diagnosed = sorted((tmp_path / "diagnosis").glob("*.json"))
+    assert [c.name for c in diagnosed] == ["b2-d0.json", "b2-d1.json"]
+    stamps = [c.stat().st_mtime for c in diagnosed]
+    assert validation_diagnosis.main(["--workdir", str(tmp_path), "--budgets", "2", "--output", str(results)],
+                                     protocol=SMOKE) == 0
+    assert [c.stat().st_mtime for c in diagnosed] == stamps  # a rerun reads the finished cells
     results.unlink()
     assert not results.exists() and "minus_recipe" not in curve["augmented"]  # the recipe: nothing to compare with
     assert sorted(p.name for p in (tmp_path / weighting.variant / "cells").glob("*.json")) == ["b2-d0.json", "b2-d1.json"]

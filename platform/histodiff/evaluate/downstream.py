@@ -263,7 +263,7 @@ def load_synthetic(uri: str, store: Any, classes: list[str], weighting: str = "n
     each tile weighted by its selector score from the synthesis lineage next to the directory)."""
     import posixpath
 
-    from histodiff.data.shards import read_table, decode_png
+    from histodiff.data.shards import decode_png, read_manifest, read_table
 
     table = read_table(uri, store, columns=["image", "label", "source"])
     labels = table.column("label").to_pylist()
@@ -280,8 +280,10 @@ def load_synthetic(uri: str, store: Any, classes: list[str], weighting: str = "n
     ids = np.array([classes.index(c) for c in labels], dtype=np.int64)
     weight = None
     if weighting == "confidence":
-        lineage_uri = posixpath.join(posixpath.dirname(uri.rstrip("/")), "lineage.parquet")
-        if not store.exists(lineage_uri):  # tiles the synthesize stage did not write
+        # The synthesize stage names its lineage (a sibling of the tile set) in the tile set's manifest.
+        name = read_manifest(uri, store).extra.get("lineage")
+        lineage_uri = posixpath.join(posixpath.dirname(uri.rstrip("/")), name) if name else f"{uri} (its manifest)"
+        if not name or not store.exists(lineage_uri):  # tiles the synthesize stage did not write
             raise FileNotFoundError(f"no synthesis lineage at {lineage_uri!r}: evaluation.synthetic_weighting="
                                     "confidence weights each synthetic tile by its selector score from it; run "
                                     "`histodiff run synthesize` or set evaluation.synthetic_weighting=none")
