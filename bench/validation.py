@@ -82,7 +82,11 @@ class Protocol:
     arms: tuple[str, ...] | None = None
 
     def at_budgets(self, budgets: tuple[int, ...]) -> "Protocol":
-        """Return this protocol at ``budgets`` only: its headline if among them, else the largest."""
+        """Return this protocol at ``budgets`` only: its headline if among them, else the largest (a clear ValueError
+        for a budget under 1 label per class)."""
+        if not budgets or (bad := [b for b in budgets if b < 1]):
+            raise ValueError(f"validate budgets {list(budgets) if not budgets else bad}: a budget is a number of "
+                             "labels per class, at least 1")
         return dataclasses.replace(self, budgets=tuple(budgets),
                                    headline=self.headline if self.headline in budgets else max(budgets))
 

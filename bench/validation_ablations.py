@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None, protocol: Protocol | None = None) -> int
     protocol = protocol or Protocol()
     from bench.common import machine
     from bench.runner import code_version, merge_into
+    from histodiff.cli import int_list
     from histodiff.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -94,19 +95,20 @@ def main(argv: list[str] | None = None, protocol: Protocol | None = None) -> int
                    help="one variant of the recipe per argument (quote several overrides as one)")
     p.add_argument("--workdir", default="bench/_work/validate/full",
                    help="the workdir of `histodiff bench validate` (or empty)")
-    p.add_argument("--budgets", default=",".join(map(str, protocol.budgets)), help="labels per class, comma-separated")
+    p.add_argument("--budgets", type=int_list, default=protocol.budgets, metavar="N,N",
+                   help="labels per class, comma-separated")
     p.add_argument("--output", default="bench/results.json")
     args = p.parse_args(argv)
     variants = [tuple(v.split()) for v in args.variants]
     try:
-        budgets = tuple(int(b) for b in args.budgets.split(","))
-    except ValueError:
-        p.error(f"--budgets {args.budgets!r}: a comma-separated list of whole numbers")
+        protocol = protocol.at_budgets(args.budgets)
+    except ValueError as e:
+        p.error(str(e))
     for overrides in variants:  # a misspelled key fails here, before Ray starts
         load_config("tiny", list(overrides))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     code = code_version()
-    rows = ablations(os.path.abspath(args.workdir), protocol.at_budgets(budgets), variants)
+    rows = ablations(os.path.abspath(args.workdir), protocol, variants)
     print(table_markdown(rows))
     stamp = f"{datetime.now(timezone.utc):%Y-%m-%d} {machine()}, {code}"
     merge_into(args.output, {"validate_ablations": {

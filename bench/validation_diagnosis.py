@@ -192,22 +192,22 @@ def main(argv: list[str] | None = None, protocol: Protocol | None = None) -> int
     protocol = protocol or Protocol()
     from bench.common import machine
     from bench.runner import code_version, merge_into
+    from histodiff.cli import int_list
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="bench/_work/validate/full",
                    help="the workdir of `histodiff bench validate` (or empty: its generator and judge are trained)")
-    p.add_argument("--budgets", default="5,10", help="labels per class, comma-separated")
+    p.add_argument("--budgets", type=int_list, default=(5, 10), metavar="N,N",
+                   help="labels per class, comma-separated")
     p.add_argument("--output", default="bench/results.json")
     args = p.parse_args(argv)
     try:
-        budgets = tuple(int(b) for b in args.budgets.split(","))
-    except ValueError:
-        p.error(f"--budgets {args.budgets!r}: a comma-separated list of whole numbers")
-    if any(b < 1 for b in budgets):
-        p.error(f"--budgets {args.budgets!r}: each budget is at least 1 label per class")
+        protocol = protocol.at_budgets(args.budgets)
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     code = code_version()
-    rows = diagnose(os.path.abspath(args.workdir), protocol.at_budgets(budgets))
+    rows = diagnose(os.path.abspath(args.workdir), protocol)
     print(table_markdown(rows))
     merge_into(args.output, {"validate_diagnosis": {
         "value": rows, "unit": "points and shares", "measured": f"{datetime.now(timezone.utc):%Y-%m-%d} {machine()}, "

@@ -181,6 +181,17 @@ def test_oracle_confident_keeps_per_true_class_the_tiles_the_baseline_is_surest_
     assert seen == [{"seed": 0}]  # each seed's own baseline
 
 
+def test_a_budget_under_one_label_is_refused_before_anything_runs(tmp_path, capsys):
+    from bench import validation_ablations, validation_diagnosis
+
+    for main, extra in ((validation_diagnosis.main, []), (validation_ablations.main, ["seed=1"])):
+        for bad in ("0,5", "two"):
+            with pytest.raises(SystemExit):
+                main([*extra, "--workdir", str(tmp_path / "never"), "--budgets", bad])
+            assert "budgets" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 SMOKE = validate.Protocol(
     budgets=(2,), headline=2, draws=2, seeds=(0,), eval_steps=4, val_per_class=3, test_per_class=3, judge_steps=5, pool_limit=400,
     base_overrides=("autoencoder.steps=4", "autoencoder.checkpoint_every=4", "denoiser.steps=4",

@@ -37,8 +37,6 @@ def run(workdir: str, quick: bool = False, overrides: tuple[str, ...] = (), budg
         from histodiff.config import load_config
 
         load_config("tiny", list(overrides))
-    if bad := [b for b in budgets if b < 1]:
-        raise ValueError(f"validate budgets {bad}: a budget is a number of labels per class, at least 1")
     if unknown := sorted(set(arms) - set(ARMS)):
         raise ValueError(f"validate arms {unknown} unknown: choose from {list(ARMS)}")
     protocol = Protocol.quick(tuple(overrides)) if quick else Protocol(overrides=tuple(overrides))

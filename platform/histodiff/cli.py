@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="development mode where an area has one (validate: one "
                    "budget, 2 draws, about 10 min on 2 idle cores); figures go to <workdir>/<area>-quick.json, "
                    "never to --output")
-    p.add_argument("--budgets", type=_int_list, default=(), metavar="N,N",
+    p.add_argument("--budgets", type=int_list, default=(), metavar="N,N",
                    help="validate: only these labels-per-class budgets, for example 2,5; figures go to "
                         "<workdir>/validate-variant.json, never to --output")
     p.add_argument("--arms", type=lambda text: tuple(a for a in text.split(",") if a), default=(), metavar="ARM,ARM",
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
     """Return ``"2,5"`` as ``(2, 5)``; argparse turns the ValueError into one clear error."""
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
