@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.validation import CLASSES, Protocol, _sample_unguided, cell_config, prepare_data, train_judge
+from bench.validation import CLASSES, Protocol, sample_unguided, cell_config, prepare_data, train_judge
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def curve(workdir: str, protocol: Protocol, steps: list[int], n_samples: int, se
         for stage in (autoencoder, encode):
             run_stage(stage, cfg)  # trained once; skipped by fingerprint at every later step count
         result = run_stage(pretrain, cfg)
-        tiles = _sample_unguided(cfg, n_samples, seed)
+        tiles = sample_unguided(cfg, n_samples, seed)
         scores = fid_kid(pool, tiles, extractor)
         pred = predict_proba(judge, shards.to_model_range(tiles), 32).argmax(-1).numpy()
         share = np.bincount(pred, minlength=len(CLASSES)) / len(pred)

@@ -24,6 +24,7 @@ The aggregation (intervals over draws, Holm) is :mod:`bench.validation_report`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -294,11 +295,12 @@ def unguided_pool(shared: HistodiffConfig, workdir: str, n: int, seed: int = 7) 
            upstream_fingerprint(shared.paths.autoencoder, store, "autoencoder"), n, seed, s.batch_size,
            s.num_inference_steps, s.eta, shared.denoiser.schedule.model_dump(mode="json")]
     tensors, _ = _cached(workdir, "unguided_pool", key,
-                         lambda: ({"tiles": torch.from_numpy(_sample_unguided(shared, n, seed))}, {}))
+                         lambda: ({"tiles": torch.from_numpy(sample_unguided(shared, n, seed))}, {}))
     return tensors["tiles"].numpy()
 
 
-def _sample_unguided(shared: HistodiffConfig, n: int, seed: int) -> np.ndarray:
+def sample_unguided(shared: HistodiffConfig, n: int, seed: int) -> np.ndarray:
+    """Return ``n`` uint8 tiles the generator of ``shared`` samples without guidance (DDIM, one seed per tile)."""
     from diffusers import AutoencoderKL, UNet2DModel
 
     from histodiff.checkpoint import load_exported
@@ -354,11 +356,19 @@ def judged_precision(judge: Any, tiles: np.ndarray, target: np.ndarray) -> float
     return float(np.mean(pred == target))
 
 
+@functools.cache
+def _preset_digest() -> str:
+    """Return a digest of the tiny preset as resolved (every setting a cell does not override comes from it)."""
+    resolved = load_config("tiny", []).model_dump(mode="json")
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cell_key(protocol: Protocol, budget: int, draw: int) -> str:
-    """Return the cache key of a cell: the protocol version, its settings and the recipe (so a changed recipe
-    never reads a cell cached under the old one)."""
+    """Return the cache key of a cell: the protocol version, its settings, the recipe and the tiny preset it is
+    resolved from (so a changed recipe, or a changed preset setting the recipe does not override, never reads a
+    cell cached under the old one)."""
     parts = [VERSION, budget, draw, list(protocol.seeds), protocol.eval_steps, list(METHOD_RECIPE),
-             list(protocol.overrides), list(protocol.base_overrides)]
+             list(protocol.overrides), list(protocol.base_overrides), _preset_digest()]
     if protocol.arms is not None:  # only when set: the keys of cells with every arm stay what they were
         parts.append(sorted(protocol.arms))
     blob = json.dumps(parts)

@@ -82,6 +82,24 @@ def test_a_run_of_some_arms_reads_a_cell_with_every_arm_but_not_the_other_way(tm
     assert validate.finished_cell(str(tmp_path), stale, 2, 0) is None
 
 
+def test_a_cell_cached_under_another_tiny_preset_is_not_read(tmp_path, monkeypatch):
+    """A preset setting the recipe does not override (the downstream learning rate, say) reaches every cell: a cell
+    finished before it changed is stale."""
+    from histodiff.storage import Store
+
+    protocol = validate.Protocol()
+    Store().write_json(str(tmp_path / "cells" / "b2-d0.json"), {"key": validate.cell_key(protocol, 2, 0)})
+    assert validate.finished_cell(str(tmp_path), protocol, 2, 0) is not None
+    real = validate.load_config
+    monkeypatch.setattr(validate, "load_config",
+                        lambda preset, overrides: real(preset, [*overrides, "evaluation.lr=0.123"]))
+    validate._preset_digest.cache_clear()
+    try:
+        assert validate.finished_cell(str(tmp_path), protocol, 2, 0) is None
+    finally:
+        validate._preset_digest.cache_clear()
+
+
 def _cell(draw: int, gains: dict[str, list[float]], nothing: bool = False) -> dict:
     base = [0.80, 0.82]
     outcomes = [{"arm": "baseline", "seed": s, "test": {"accuracy": a}} for s, a in enumerate(base)]
