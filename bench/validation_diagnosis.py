@@ -150,8 +150,8 @@ def diagnose(workdir: str, protocol: Protocol) -> dict[str, dict[str, Any]]:
     for budget in protocol.budgets:
         cells = []
         for draw in range(protocol.draws):
-            path, key = join(data.root, "diagnosis", f"b{budget}-d{draw}.json"), \
-                f"{VERSION}-{cell_key(protocol, budget, draw)}"
+            path = join(data.root, f"{protocol.variant}diagnosis", f"b{budget}-d{draw}.json")  # a variant's apart
+            key = f"{VERSION}-{cell_key(protocol, budget, draw)}"
             cell = store.read_json(path) if store.exists(path) else None
             if cell is None or cell.get("key") != key:
                 t0 = time.time()
