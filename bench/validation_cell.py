@@ -83,12 +83,25 @@ def _pseudo_label_precision(cfg: HistodiffConfig, data: Any, store: Store) -> fl
         if labels else float("nan")
 
 
-def run_cell(data: Any, cfg: HistodiffConfig, judge: Any, unguided: np.ndarray,
-             only: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Return one cell's outcomes (every arm x seed, or the baseline and the arms in ``only``), its synthesis
-    report and its guidance precision."""
-    from bench.validation import judged_precision
-    from histodiff.augment.selection import load_selector
+@dataclasses.dataclass
+class Chain:
+    """A cell's chain as a user runs it: the per-cell stages' results, the real splits, the accepted synthetic
+    tiles with their per-class volume (every arm's), the downstream recipe, and the pool (tiles, true labels)."""
+
+    classifier: Any
+    selector: Any
+    synthesis: Any
+    splits: Any
+    augmented: Extra
+    counts: np.ndarray
+    recipe: Recipe
+    pool_x: np.ndarray
+    pool_y: np.ndarray
+
+
+def run_chain(data: Any, cfg: HistodiffConfig) -> Chain:
+    """Run a cell's per-cell stages (pseudo-labels, latent classifier, selector, synthesis; each skipped when
+    finished with the same spec) and return what its arms are built from."""
     from histodiff.data.splits import split_spec
     from histodiff.runner import run_stage
     from histodiff.stages import classifier, pseudolabel, selector, synthesize
@@ -99,13 +112,25 @@ def run_cell(data: Any, cfg: HistodiffConfig, judge: Any, unguided: np.ndarray,
     sel = run_stage(selector, cfg)
     syn = run_stage(synthesize, cfg)
     splits = load_splits(split_spec(cfg, store), store)
-    k = len(splits.classes)
     augmented = load_synthetic(syn.accepted_uri, store, splits.classes, cfg.evaluation.synthetic_weighting)
+    pool = data.idx["pool"]
+    return Chain(clf, sel, syn, splits, augmented, controls.class_counts(augmented.y, len(splits.classes)),
+                 Recipe.from_config(cfg), data.x[pool], data.y[pool])
+
+
+def run_cell(data: Any, cfg: HistodiffConfig, judge: Any, unguided: np.ndarray,
+             only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Return one cell's outcomes (every arm x seed, or the baseline and the arms in ``only``), its synthesis
+    report and its guidance precision."""
+    from bench.validation import judged_precision
+    from histodiff.augment.selection import load_selector
+
+    store = Store(cfg.storage)
+    chain = run_chain(data, cfg)
+    clf, sel, syn, splits, augmented = chain.classifier, chain.selector, chain.synthesis, chain.splits, chain.augmented
+    counts, recipe, pool_x, pool_y, k = chain.counts, chain.recipe, chain.pool_x, chain.pool_y, len(splits.classes)
     generated = load_synthetic(syn.generated_uri, store, splits.classes)
     syn_x, syn_y, gen_x, gen_y = augmented.x, augmented.y, generated.x, generated.y
-    counts = controls.class_counts(syn_y, k)
-    recipe = Recipe.from_config(cfg)
-    pool_x, pool_y = data.x[data.idx["pool"]], data.y[data.idx["pool"]]
     selector_model, _ = load_selector(cfg.paths.selector, store)
     mode, threshold = cfg.synthesis.selector.mode, cfg.synthesis.selector.threshold
     arms = {

@@ -95,24 +95,15 @@ def _truth(data: Data, judge: Any) -> Callable[[np.ndarray], np.ndarray]:
 
 def run_cell(data: Data, cfg: Any, judge: Any, seeds: list[int]) -> dict[str, Any]:
     """Return one (budget, draw)'s outcomes (baseline and ``ARMS`` x seeds) and each arm's teaching stats per seed;
-    the per-cell stages of the recipe run first (skipped where finished with the same spec)."""
-    from histodiff.data.splits import split_spec
+    the per-cell stages of the recipe run first, as the validation runs them (``validation_cell.run_chain``)."""
+    from bench.validation_cell import run_chain
     from histodiff.evaluate import controls
-    from histodiff.evaluate.downstream import Recipe, evaluate_arms, load_splits, load_synthetic, ray_runner
-    from histodiff.runner import run_stage
-    from histodiff.stages import classifier, pseudolabel, selector, synthesize
-    from histodiff.storage import Store
+    from histodiff.evaluate.downstream import evaluate_arms, ray_runner
+    from histodiff.train.backbone import class_ids
 
-    store = Store(cfg.storage)
-    for stage in (pseudolabel, classifier, selector):
-        run_stage(stage, cfg)
-    syn = run_stage(synthesize, cfg)
-    splits = load_splits(split_spec(cfg, store), store)
-    k = len(splits.classes)
-    augmented = load_synthetic(syn.accepted_uri, store, splits.classes, cfg.evaluation.synthetic_weighting)
-    counts = controls.class_counts(augmented.y, k)
-    recipe = Recipe.from_config(cfg)
-    pool_x, pool_y = data.x[data.idx["pool"]], data.y[data.idx["pool"]]
+    chain = run_chain(data, cfg)
+    splits, augmented, counts, recipe = chain.splits, chain.augmented, chain.counts, chain.recipe
+    pool_x, pool_y, k = chain.pool_x, chain.pool_y, len(chain.splits.classes)
     arms = {"augmented": augmented, "pseudo_label": controls.pseudo_label(pool_x, recipe, counts, k),
             "oracle_confident": oracle_confident(pool_x, pool_y, recipe, counts, k),
             "oracle": controls.random_per_class(pool_x, pool_y, counts, cfg.seed)}
@@ -123,15 +114,10 @@ def run_cell(data: Data, cfg: Any, judge: Any, seeds: list[int]) -> dict[str, An
         for seed in seeds:
             extra = arm(seed, states[seed]) if callable(arm) else arm  # the same tiles the arm trained on
             probs = controls.baseline_proba(recipe, k, states[seed], extra.x).numpy()
-            stats.setdefault(name, []).append(teaching_stats(_ids(extra.y), truth(extra.x), probs, k))
+            stats.setdefault(name, []).append(teaching_stats(class_ids(extra.y), truth(extra.x), probs, k))
     return {"outcomes": [dataclasses.asdict(o) for o in outcomes], "stats": stats,
             "accepted_per_class": float(counts.sum() / k),
-            "augmented_judge_precision": judged_precision(judge, augmented.x, _ids(augmented.y))}
-
-
-def _ids(labels: np.ndarray) -> np.ndarray:
-    """Return class ids from hard labels (N,) or soft ones (N, K)."""
-    return labels.argmax(-1) if labels.ndim == 2 else labels
+            "augmented_judge_precision": judged_precision(judge, augmented.x, class_ids(augmented.y))}
 
 
 def diagnose(workdir: str, protocol: Protocol) -> dict[str, dict[str, Any]]:

@@ -20,14 +20,14 @@ import torch
 
 from histodiff.augment.classical import kind_for, strong_augment
 from histodiff.evaluate.downstream import Extra, Recipe, Splits, _tensors
+from histodiff.train.backbone import class_ids
 
 CONTROLS = ("unfiltered", "unguided_selected", "duplicated_real", "classical_aug", "pseudo_label", "oracle")
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Return the number of items per class id (hard labels, or the argmax of soft ones)."""
-    ids = labels.argmax(-1) if labels.ndim == 2 else labels  # numpy twin of train.backbone.class_ids
-    return np.bincount(ids.astype(np.int64), minlength=num_classes)
+    return np.bincount(class_ids(labels).astype(np.int64), minlength=num_classes)
 
 
 def random_per_class(x: np.ndarray, y: np.ndarray, counts: np.ndarray, seed: int) -> Extra:

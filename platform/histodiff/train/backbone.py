@@ -11,7 +11,7 @@ import copy
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from torch import nn
 
 from histodiff.models.backbone import create_backbone
 from histodiff.runtime import autocast
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +124,9 @@ def _index_batches(n: int, batch_size: int, generator: torch.Generator) -> Itera
         yield from (perm[i : i + size] for i in range(0, n - size + 1, size))
 
 
-def class_ids(y: torch.Tensor) -> torch.Tensor:
-    """Return class ids: ``y`` itself for int labels (N,), the argmax for class probabilities (N, K)."""
+def class_ids(y: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Return class ids: ``y`` itself for int labels (N,), the argmax for class probabilities (N, K); a tensor for a
+    tensor, an array for an array."""
     return y.argmax(-1) if y.ndim == 2 else y
 
 
